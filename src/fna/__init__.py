@@ -1,0 +1,1 @@
+"""FNA: fast neural network adaptation."""

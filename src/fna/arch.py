@@ -1,0 +1,296 @@
+"""Architecture description of an MBConv network (the seed, the target and the search space).
+
+An architecture is data: a stem width, a list of stages (the first one being the fixed e1 block),
+and the width of the final 1x1 conv. Each stage lists one op name per layer::
+
+    k{K}_e{E}   MBConv with a KxK depthwise conv and expansion E (odd K >= 1, E >= 1)
+    skip        identity; only where the layer keeps its shape (not the first layer of a stage)
+
+The first layer of a stage carries the stage's stride and channel change; later layers are stride 1,
+``c_out -> c_out``. The description reads and writes JSON and the reference ``net_config`` text of
+the original FNA code (``[[c_in, c_out], [ops...], stride]`` entries joined by ``|``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+SKIP = "skip"
+_OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
+ACTIVATIONS = ("relu6", "relu")
+
+
+class ArchError(ValueError):
+    """An architecture description is malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """One MBConv layer: depthwise kernel size and expansion ratio."""
+
+    kernel: int
+    expansion: int
+
+    @property
+    def name(self) -> str:
+        return f"k{self.kernel}_e{self.expansion}"
+
+
+def parse_op(name: str) -> Op | None:
+    """Decode ``k{K}_e{E}`` into an :class:`Op`; ``skip`` gives ``None``."""
+    if name == SKIP:
+        return None
+    m = _OP_RE.match(name)
+    if not m:
+        raise ArchError(f"unknown op {name!r}: expected 'k<K>_e<E>' (e.g. 'k3_e6') or 'skip'")
+    kernel, expansion = int(m.group(1)), int(m.group(2))
+    if kernel < 1 or kernel % 2 == 0:
+        raise ArchError(f"op {name!r}: kernel size must be odd and >= 1")
+    if expansion < 1:
+        raise ArchError(f"op {name!r}: expansion must be >= 1")
+    return Op(kernel, expansion)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of layers at one width. Layer 0 applies ``stride`` and ``c_in -> c_out``."""
+
+    c_in: int
+    c_out: int
+    stride: int
+    ops: tuple[str, ...]
+    dilation: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+
+    @property
+    def depth(self) -> int:
+        """Number of non-skip layers."""
+        return sum(op != SKIP for op in self.ops)
+
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        """``(c_in, c_out, stride)`` of every layer position."""
+        return [(self.c_in, self.c_out, self.stride)] + [(self.c_out, self.c_out, 1)] * (len(self.ops) - 1)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An MBConv network: stem conv, stages (``stages[0]`` is the fixed first block), final 1x1 conv.
+
+    ``final_channels == 0`` means the network has no final 1x1 conv.
+    """
+
+    stages: tuple[Stage, ...]
+    stem_channels: int = 32
+    stem_stride: int = 2
+    final_channels: int = 1280
+    activation: str = "relu6"
+    bn_eps: float = 1e-5
+    in_channels: int = 3
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ArchError(f"activation {self.activation!r}: expected one of {ACTIVATIONS}")
+        if not self.stages:
+            raise ArchError("an architecture needs at least one stage")
+        prev = self.stem_channels
+        for i, stage in enumerate(self.stages):
+            where = f"stage {i} ({stage.c_in}->{stage.c_out})"
+            if stage.c_in != prev:
+                raise ArchError(f"{where}: input channels {stage.c_in} do not chain with the previous output {prev}")
+            if stage.stride not in (1, 2):
+                raise ArchError(f"{where}: stride must be 1 or 2, got {stage.stride}")
+            if stage.dilation < 1:
+                raise ArchError(f"{where}: dilation must be >= 1")
+            if not stage.ops:
+                raise ArchError(f"{where}: a stage needs at least one layer")
+            for j, (op, (c_in, c_out, stride)) in enumerate(zip(stage.ops, stage.layer_shapes())):
+                try:
+                    parsed = parse_op(op)
+                except ArchError as e:
+                    raise ArchError(f"{where} layer {j}: {e}") from None
+                if parsed is None and (c_in != c_out or stride != 1):
+                    raise ArchError(f"{where} layer {j}: 'skip' is only allowed where the layer keeps its shape")
+            prev = stage.c_out
+
+    # -- views ----------------------------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.final_channels or self.stages[-1].c_out
+
+    def stage_strides(self) -> list[int]:
+        """Cumulative stride at the output of each stage."""
+        out, s = [], self.stem_stride
+        for stage in self.stages:
+            s *= stage.stride
+            out.append(s)
+        return out
+
+    def canonical(self) -> Arch:
+        """The same network with every stage's skips moved to the stage end (SPEC §3)."""
+        stages = [replace(s, ops=tuple([o for o in s.ops if o != SKIP] + [o for o in s.ops if o == SKIP]))
+                  for s in self.stages]
+        return replace(self, stages=tuple(stages))
+
+    def without_skips(self) -> Arch:
+        """The same network with skip entries dropped (what actually gets built)."""
+        return replace(self, stages=tuple(replace(s, ops=tuple(o for o in s.ops if o != SKIP))
+                                          for s in self.stages))
+
+    def with_ops(self, stage_ops: list[list[str]], first: int = 1) -> Arch:
+        """Replace the ops of ``stages[first:]`` (the searched stages) by ``stage_ops``."""
+        if len(stage_ops) != len(self.stages) - first:
+            raise ArchError(f"expected ops for {len(self.stages) - first} stages, got {len(stage_ops)}")
+        stages = list(self.stages[:first]) + [replace(s, ops=tuple(o)) for s, o in zip(self.stages[first:], stage_ops)]
+        return replace(self, stages=tuple(stages))
+
+    def describe(self) -> str:
+        """One line per stage, e.g. ``24: k3_e6 k3_e6 skip skip``."""
+        return "\n".join(f"{s.c_out:>4} s{s.stride}: {' '.join(s.ops)}" for s in self.stages)
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stages"] = [{**asdict(s), "ops": list(s.ops)} for s in self.stages]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Arch:
+        try:
+            stages = [Stage(c_in=int(s["c_in"]), c_out=int(s["c_out"]), stride=int(s["stride"]),
+                            ops=tuple(str(o) for o in s["ops"]), dilation=int(s.get("dilation", 1)))
+                      for s in d["stages"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArchError(f"malformed stage entry ({type(e).__name__}: {e}); each stage needs "
+                            "c_in, c_out, stride and ops") from None
+        known = {"stem_channels", "stem_stride", "final_channels", "activation", "bn_eps", "in_channels", "name"}
+        unknown = set(d) - known - {"stages"}
+        if unknown:
+            raise ArchError(f"unknown architecture fields: {sorted(unknown)}")
+        return cls(stages=tuple(stages), **{k: d[k] for k in known if k in d})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_net_config(self) -> str:
+        """The reference text format: ``[[c_in, c_out], [ops], stride]`` entries joined by ``|``."""
+        return "|\n".join(str([[s.c_in, s.c_out], list(s.ops), s.stride]) for s in self.stages)
+
+    @classmethod
+    def from_net_config(cls, text: str, **kwargs: Any) -> Arch:
+        """Parse the reference text format. A trailing ``[[320, C], ['conv_2d_1x1'], 1]`` sets the final conv."""
+        stages: list[Stage] = []
+        final = kwargs.pop("final_channels", 1280)
+        entries = [e.strip() for e in text.strip().split("|") if e.strip()]
+        if not entries:
+            raise ArchError("empty net_config")
+        for i, entry in enumerate(entries):
+            try:
+                (c_in, c_out), ops, stride = ast.literal_eval(entry)
+                c_in, c_out, stride = int(c_in), int(c_out), int(stride)
+                ops = [str(o) for o in ops]
+            except (ValueError, SyntaxError, TypeError) as e:
+                raise ArchError(f"net_config entry {i} is not '[[c_in, c_out], [ops...], stride]': {entry[:60]!r}"
+                                f" ({type(e).__name__})") from None
+            if ops == ["conv_2d_1x1"]:
+                if i != len(entries) - 1:
+                    raise ArchError("net_config: 'conv_2d_1x1' is only allowed as the last entry")
+                final = c_out
+                continue
+            stages.append(Stage(c_in, c_out, stride, tuple(ops)))
+        return cls(stages=tuple(stages), final_channels=final, stem_channels=stages[0].c_in, **kwargs)
+
+
+# -- built-in architectures ---------------------------------------------------------------------
+
+def _mbv2_like(stage_ops: list[list[str]], name: str) -> Arch:
+    channels = [16, 24, 32, 64, 96, 160, 320]
+    strides = [1, 2, 2, 2, 1, 2, 1]
+    ops = [["k3_e1"]] + stage_ops
+    stages, c_in = [], 32
+    for c, s, o in zip(channels, strides, ops):
+        stages.append(Stage(c_in, c, s, tuple(o)))
+        c_in = c
+    return Arch(stages=tuple(stages), name=name)
+
+
+BUILTIN_ARCHS: dict[str, Arch] = {
+    "mobilenet_v2": _mbv2_like([["k3_e6"] * n for n in (2, 3, 4, 3, 3, 1)], "mobilenet_v2"),
+    "fna_deeplabv3": _mbv2_like([
+        ["k3_e6", "k3_e6", "skip", "skip"],
+        ["k7_e6", "k3_e6", "k3_e6", "k3_e6"],
+        ["k7_e6", "k7_e6", "k5_e6", "k7_e6", "k7_e6", "k5_e6"],
+        ["k7_e6", "k7_e6", "k7_e6", "k7_e6", "skip", "skip"],
+        ["k7_e6", "k5_e6", "skip", "skip"],
+        ["k7_e3"]], "fna_deeplabv3"),
+    "fna_retinanet": _mbv2_like([
+        ["k3_e6", "k3_e6", "skip", "skip"],
+        ["k7_e6", "k5_e6", "skip", "skip"],
+        ["k3_e6", "k5_e6", "k7_e6", "k3_e6"],
+        ["k5_e6", "k7_e6", "skip", "skip"],
+        ["k7_e6", "k7_e6", "k7_e3", "k7_e6"],
+        ["k7_e6"]], "fna_retinanet"),
+    "fna_ssdlite": _mbv2_like([
+        ["k5_e6", "skip", "skip", "skip"],
+        ["k5_e6", "k5_e6", "k3_e6", "k5_e6"],
+        ["k5_e6", "k7_e6", "k3_e6", "skip"],
+        ["k7_e6", "k7_e6", "k7_e6", "k7_e6"],
+        ["k5_e6", "k7_e6", "k7_e6", "skip"],
+        ["k7_e6"]], "fna_ssdlite"),
+}
+
+
+def get_arch(name_or_path: str | Path) -> Arch:
+    """A built-in architecture by name, or one read from a JSON or net_config text file."""
+    key = str(name_or_path)
+    if key in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[key]
+    path = Path(key)
+    if not path.exists():
+        raise ArchError(f"unknown architecture {key!r}: not a built-in ({', '.join(BUILTIN_ARCHS)}) "
+                        "and no such file")
+    return load_arch(path)
+
+
+def load_arch(path: str | Path) -> Arch:
+    """Read an architecture from JSON (``{"stages": [...]}``) or reference net_config text."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ArchError(f"{path}: cannot read ({e.strerror})") from None
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("{"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ArchError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            data = data.get("arch", data)  # run files may wrap the arch with metadata
+            if not isinstance(data, dict) or "stages" not in data:
+                raise ArchError("JSON has no 'stages' list")
+            arch = Arch.from_dict(data)
+        else:
+            arch = Arch.from_net_config(text)
+    except ArchError as e:
+        raise ArchError(f"{path}: {e}") from None
+    return arch if arch.name else replace(arch, name=path.stem)
+
+
+def save_arch(arch: Arch, path: str | Path) -> None:
+    """Write JSON for ``*.json`` paths, reference net_config text otherwise."""
+    path = Path(path)
+    text = arch.to_json() if path.suffix == ".json" else arch.to_net_config() + "\n"
+    path.write_text(text)
