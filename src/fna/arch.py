@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fna.errors import FnaError
 SKIP = "skip"
 _OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
 ACTIVATIONS = ("relu6", "relu")
 
 
-class ArchError(ValueError):
+class ArchError(FnaError, ValueError):
     """An architecture description is malformed or inconsistent."""
 
 

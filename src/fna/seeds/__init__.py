@@ -20,9 +20,10 @@ from torch import nn
 
 from fna.arch import BUILTIN_ARCHS, Arch
 from fna.backbone import Backbone, Classifier
+from fna.errors import FnaError
 
 
-class SeedError(RuntimeError):
+class SeedError(FnaError):
     """Seed weights are missing, unreadable or do not fit the seed's architecture."""
 
 

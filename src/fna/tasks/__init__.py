@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fna.arch import Arch
+from fna.errors import FnaError
 from fna.backbone import Backbone, Classifier, ssdlite_taps, stride_taps
 from fna.tasks.detection import FNARetinaNet, SSDLite
 from fna.tasks.segmentation import DeepLabV3
@@ -44,7 +45,7 @@ TASKS: dict[str, TaskSpec] = {
 
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(TASKS)}")
+        raise FnaError(f"unknown task {name!r}: expected one of {', '.join(TASKS)}")
     return TASKS[name]
 
 

@@ -1,0 +1,68 @@
+"""The ``fna`` command line. Each command is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fna.errors import FnaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="FNA: adapt an ImageNet backbone to detection or segmentation by parameter "
+                       "remapping and architecture search.")
+console = Console()
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        app()
+    except FnaError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@app.command()
+def archs() -> None:
+    """List the built-in architectures."""
+    from fna.arch import BUILTIN_ARCHS
+
+    for name, arch in BUILTIN_ARCHS.items():
+        console.print(f"[bold]{name}[/]")
+        console.print(arch.describe(), highlight=False)
+
+
+@app.command()
+def madds(
+    arch: Annotated[str, typer.Option(help="Built-in name, JSON file or net_config text file.")] = "mobilenet_v2",
+    task: Annotated[str, typer.Option(help="cls | seg | retinanet | ssdlite")] = "cls",
+    size: Annotated[Optional[tuple[int, int]], typer.Option(help="Input H W (default: the paper's).")] = None,
+    classes: Annotated[Optional[int], typer.Option(help="Number of classes (default: the paper's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Count MAdds and params of a task model with the paper's conventions."""
+    from fna.arch import get_arch
+    from fna.cost import model_cost
+    from fna.tasks import get_task
+
+    spec = get_task(task)
+    a = get_arch(arch)
+    size = tuple(size) if size else spec.paper_size
+    cost = model_cost(task, a, size, classes)
+    if as_json:
+        print(json.dumps({"arch": a.name or arch, "task": task, "size": list(size),
+                          "classes": classes or spec.num_classes, **cost.to_dict()}))
+        return
+    table = Table(title=f"{a.name or arch} · {task} · {size[0]}×{size[1]}")
+    for col in ("part", "MAdds", "params"):
+        table.add_column(col, justify="right" if col != "part" else "left")
+    for part, c in cost.parts.items():
+        table.add_row(part, f"{c['madds']:,}", f"{c['params']:,}")
+    table.add_row("[bold]total", f"[bold]{cost.madds:,}", f"[bold]{cost.params:,}")
+    console.print(table)
