@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from fna.arch import Arch
@@ -34,6 +36,20 @@ class TaskSpec:
         """This task's backbone for ``arch`` (fresh weights)."""
         return Backbone(arch, taps=self.taps(arch), output_stride=self.output_stride)
 
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of ``model`` (in train mode) on one collated batch.
+
+        Dense tasks take ``(images [B,3,H,W] normalised, targets [B] or [B,H,W])``; detectors take
+        ``(list of images [3,H,W] in [0, 1], list of target dicts with boxes and labels)`` and sum
+        torchvision's loss terms.
+        """
+        images, targets = batch
+        if self.name == "seg":
+            return model.loss(model(images), targets)
+        if self.name == "cls":
+            return nn.functional.cross_entropy(model(images), targets)
+        return sum(model(images, targets).values())
+
 
 TASKS: dict[str, TaskSpec] = {
     "cls": TaskSpec("cls", Classifier, lambda a: ("final",), 1000, (224, 224)),
@@ -49,7 +65,10 @@ def get_task(name: str) -> TaskSpec:
     return TASKS[name]
 
 
-def build_model(task: str, arch: Arch, num_classes: int | None = None) -> nn.Module:
-    """The task's model on ``arch`` with fresh weights (``num_classes`` defaults to the paper's)."""
+def build_model(task: str, arch: Arch, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """The task's model on ``arch`` with fresh weights (``num_classes`` defaults to the paper's).
+
+    ``kwargs`` go to the task model (e.g. ``min_size``/``max_size`` for RetinaNet, ``size`` for SSDLite).
+    """
     spec = get_task(task)
-    return spec.head(spec.backbone(arch), num_classes or spec.num_classes)
+    return spec.head(spec.backbone(arch), num_classes or spec.num_classes, **kwargs)
