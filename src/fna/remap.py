@@ -1,0 +1,273 @@
+"""Parameter remapping (SPEC §3): seed weights → a target architecture or the super network.
+
+The rules are applied per tensor, walking both networks structurally — stem, stage *i* layer *l*
+role (``expand`` / ``depthwise`` / ``project``), final conv — never by rewriting key strings:
+
+* **Depth** — layer ``l`` of stage ``i`` takes seed layer ``min(l, n_i - 1)`` of the same stage
+  (:func:`depth_source`). Skip layers are not built, so the ``m`` non-skip layers of a target stage
+  map to seed layers in order — the same as moving the skips to the stage end first. Stem, every
+  stage's layers and the final 1x1 conv are otherwise taken by position.
+* **Width** (first-k) — a conv weight ``[O, I, kh, kw]`` takes the leading ``min(O_t, O_s)`` filters
+  and ``min(I_t, I_s)`` input channels (a depthwise ``[C, 1, k, k]`` is the same rule with ``I = 1``);
+  BN vectors take their leading entries. Uncovered conv entries are zero; uncovered BN entries get
+  the fresh init (γ 1, β 0, mean 0, var 1).
+* **Kernel** (centre) — a larger target kernel holds the seed kernel in its centre with a zero ring
+  (3→5 at ``[1:4, 1:4]``); a smaller one takes the centre crop.
+
+A layer without a counterpart role in its source — an expand conv in a target layer whose seed
+layer is ``e1`` — keeps the init it was built with and is reported ``fresh``: zero-filling it would
+make its activation's gradient vanish. BN that has no affine parameters and no running statistics
+(super-network candidates, SPEC §2) has nothing to take, so only the convs of such layers are remapped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fna.arch import Arch
+from fna.backbone import Backbone
+from fna.errors import FnaError
+from fna.ops import ConvBNAct, MBConv
+
+ROLES = ("expand", "depthwise", "project")
+BN_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
+
+
+class RemapError(FnaError, ValueError):
+    """A target cannot take the seed's weights (e.g. a different number of stages)."""
+
+
+# -- the rules -------------------------------------------------------------------------------------
+
+def depth_source(layer: int, seed_depth: int) -> int:
+    """The seed layer that target layer ``layer`` of a stage takes: ``min(l, n - 1)``."""
+    if seed_depth < 1:
+        raise ValueError("a seed stage needs at least one layer to remap from")
+    return min(layer, seed_depth - 1)
+
+
+def remap_conv_weight(src: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``src`` ``[O, I, kh, kw]`` fitted to ``shape``: first-k on O and I, centre on the kernel, zeros elsewhere."""
+    if src.dim() != 4 or len(shape) != 4:
+        raise ValueError(f"expected 4-d conv weights, got {tuple(src.shape)} → {tuple(shape)}")
+    out = src.new_zeros(tuple(shape))
+    src_idx, dst_idx = [], []
+    for dim, (s, t) in enumerate(zip(src.shape, shape)):
+        n = min(s, t)
+        a, b = ((s - n) // 2, (t - n) // 2) if dim >= 2 else (0, 0)
+        src_idx.append(slice(a, a + n))
+        dst_idx.append(slice(b, b + n))
+    out[tuple(dst_idx)] = src[tuple(src_idx)]
+    return out
+
+
+def remap_bn_vector(src: torch.Tensor, size: int, fresh: float) -> torch.Tensor:
+    """Leading ``min(size, len(src))`` entries of ``src``; the rest ``fresh``."""
+    out = torch.full((size,), fresh, dtype=src.dtype)
+    n = min(size, src.numel())
+    out[:n] = src[:n]
+    return out
+
+
+# -- reports ---------------------------------------------------------------------------------------
+
+@dataclass
+class TensorReport:
+    """What one target tensor received. ``inherited`` counts its entries taken from the seed."""
+
+    name: str
+    src_shape: tuple[int, ...] | None
+    dst_shape: tuple[int, ...]
+    actions: tuple[str, ...]
+    inherited: int
+    parameter: bool  # a learnable parameter (counted in the inherited fraction), not a BN statistic
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.dst_shape)
+
+
+def _actions(src_shape: Sequence[int] | None, dst_shape: Sequence[int], filler: str) -> tuple[str, ...]:
+    if src_shape is None:
+        return ("fresh",)
+    if tuple(src_shape) == tuple(dst_shape):
+        return ("copied",)
+    acts = []
+    if any(t < s for s, t in zip(src_shape, dst_shape)):
+        acts.append("cropped")
+    if any(t > s for s, t in zip(src_shape, dst_shape)):
+        acts.append(filler)
+    return tuple(acts)
+
+
+@dataclass
+class LayerReport:
+    """One target layer: where its weights came from and what each tensor received."""
+
+    op: str
+    source_op: str
+    tensors: list[TensorReport]
+    target: str = ""
+    source: str = ""
+    duplicated: bool = False  # its source layer already fed an earlier layer (depth rule)
+
+    @property
+    def inherited(self) -> int:
+        return sum(t.inherited for t in self.tensors if t.parameter)
+
+    @property
+    def total(self) -> int:
+        return sum(t.numel for t in self.tensors if t.parameter)
+
+
+@dataclass
+class RemapReport:
+    """Per-layer remap record of a whole backbone, with the fraction of parameters inherited."""
+
+    seed: str
+    target: str
+    layers: list[LayerReport]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def inherited(self) -> int:
+        return sum(layer.inherited for layer in self.layers)
+
+    @property
+    def total(self) -> int:
+        return sum(layer.total for layer in self.layers)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the target's parameter entries that hold seed values."""
+        return self.inherited / self.total if self.total else 0.0
+
+    def to_markdown(self) -> str:
+        """A Markdown page: summary, notes and one table row per target layer."""
+        lines = [f"# Parameter remapping: {self.seed} → {self.target}", "",
+                 f"Inherited {self.inherited:,} of {self.total:,} parameters ({self.fraction:.1%}).", ""]
+        lines += [f"- {n}" for n in self.notes] + ([""] if self.notes else [])
+        lines += ["| target | op | source (seed) | inherited | tensors |", "|---|---|---|---|---|"]
+        for layer in self.layers:
+            source = " ".join(filter(None, [layer.source, layer.source_op, "(duplicated)" * layer.duplicated]))
+            share = f"{layer.inherited / layer.total:.0%}" if layer.total else "—"
+            lines.append(f"| {layer.target} | {layer.op} | {source} | {share} | {_describe_tensors(layer.tensors)} |")
+        return "\n".join(lines) + "\n"
+
+
+def _describe_tensors(tensors: list[TensorReport]) -> str:
+    """``expand: conv copied, bn copied; depthwise: conv 96×1×3×3→96×1×5×5 zero-filled, ...`` (BN grouped)."""
+    parts: dict[str, list[str]] = {}
+    for t in tensors:
+        role, kind = t.name.split(".")[:2]
+        shapes = "" if t.src_shape == t.dst_shape else (
+            f"{'×'.join(map(str, t.src_shape))}→{'×'.join(map(str, t.dst_shape))} " if t.src_shape else "")
+        text = f"{kind} {shapes}{', '.join(t.actions)}"
+        if text not in parts.setdefault(role, []):
+            parts[role].append(text)
+    return "; ".join(f"{role}: {', '.join(texts)}" for role, texts in parts.items())
+
+
+# -- module-level remapping ------------------------------------------------------------------------
+
+@torch.no_grad()
+def remap_conv_bn(src: ConvBNAct | None, dst: ConvBNAct, role: str) -> list[TensorReport]:
+    """Remap one conv → BN pair. ``src=None`` leaves ``dst`` at its init (reported ``fresh``).
+
+    BN tensors ``dst`` lacks (no affine parameters / running statistics) are skipped; ones the source
+    lacks get the fresh init.
+    """
+    reports = []
+    w = dst.conv.weight
+    if src is None:
+        reports.append(TensorReport(f"{role}.conv.weight", None, tuple(w.shape), ("fresh",), 0, True))
+    else:
+        w.copy_(remap_conv_weight(src.conv.weight, w.shape))
+        s = tuple(src.conv.weight.shape)
+        inherited = math.prod(min(a, b) for a, b in zip(s, w.shape))
+        reports.append(TensorReport(f"{role}.conv.weight", s, tuple(w.shape), _actions(s, w.shape, "zero-filled"),
+                                    inherited, True))
+    for name, fresh in BN_FRESH.items():
+        t = getattr(dst.bn, name)
+        if t is None:
+            continue
+        s_t = getattr(src.bn, name) if src is not None else None
+        if src is not None:
+            t.copy_(remap_bn_vector(s_t, t.numel(), fresh) if s_t is not None else torch.full_like(t, fresh))
+        s_shape = tuple(s_t.shape) if s_t is not None else None
+        reports.append(TensorReport(f"{role}.bn.{name}", s_shape, tuple(t.shape), _actions(s_shape, t.shape, "fresh-filled"),
+                                    min(t.numel(), s_t.numel()) if s_t is not None else 0,
+                                    isinstance(t, nn.Parameter)))
+    if src is not None and dst.bn.num_batches_tracked is not None and src.bn.num_batches_tracked is not None:
+        dst.bn.num_batches_tracked.copy_(src.bn.num_batches_tracked)
+    return reports
+
+
+def remap_layer(src: MBConv, dst: MBConv) -> LayerReport:
+    """Remap seed layer ``src`` into target layer ``dst`` role by role (width and kernel rules).
+
+    A source without an expand conv (``e1``) leaves the target's expand at its init (``fresh``); a
+    target without one simply does not take the source's. Works for super-network candidates, whose
+    BN has nothing to remap.
+    """
+    tensors = []
+    for role in ROLES:
+        d = getattr(dst, role)
+        if d is not None:
+            tensors += remap_conv_bn(getattr(src, role), d, role)
+    return LayerReport(op=dst.op.name, source_op=src.op.name, tensors=tensors)
+
+
+def _stage_label(arch: Arch, i: int) -> str:
+    s = arch.stages[i]
+    return f"stage {i} ({s.c_in}->{s.c_out})"
+
+
+def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
+    """Remap every tensor of ``target`` from ``seed`` (both :class:`Backbone`); modifies ``target``.
+
+    Stages pair by index, so both architectures need the same number of stages; channel widths,
+    depths, kernels and expansions may all differ.
+    """
+    sa, ta = seed.arch, target.arch
+    if len(sa.stages) != len(ta.stages):
+        i = min(len(sa.stages), len(ta.stages))
+        where = (f"target {_stage_label(ta, i)} has no counterpart in the seed" if len(ta.stages) > i
+                 else f"seed {_stage_label(sa, i)} has no counterpart in the target")
+        raise RemapError(f"{ta.name or 'target'} has {len(ta.stages)} stages, seed {sa.name or 'seed'} has "
+                         f"{len(sa.stages)}: {where}; stages are paired by position")
+    report = RemapReport(seed=sa.name or "seed", target=ta.name or "target", layers=[])
+    stem = LayerReport("conv3x3", "", remap_conv_bn(seed.stem, target.stem, "stem"), "stem", "stem")
+    report.layers.append(stem)
+    for i, dst_stage in enumerate(target.stages):
+        if i >= len(seed.stages):
+            raise RemapError(f"the seed backbone does not build {_stage_label(sa, i)}: build it with taps=('final',)")
+        src_stage = seed.stages[i]
+        if len(dst_stage) and not len(src_stage):
+            raise RemapError(f"seed {_stage_label(sa, i)} has no layers (all skip) to remap target "
+                             f"{_stage_label(ta, i)} from")
+        if (sa.stages[i].c_in, sa.stages[i].c_out) != (ta.stages[i].c_in, ta.stages[i].c_out):
+            report.notes.append(f"target {_stage_label(ta, i)} differs in width from seed {_stage_label(sa, i)}: "
+                                "channels remapped first-k")
+        used: set[int] = set()
+        for j, dst in enumerate(dst_stage):
+            k = depth_source(j, len(src_stage))
+            layer = remap_layer(src_stage[k], dst)
+            layer.target, layer.source, layer.duplicated = f"stage {i} layer {j}", f"stage {i} layer {k}", k in used
+            used.add(k)
+            report.layers.append(layer)
+    if target.final is not None:
+        if seed.final is None:
+            raise RemapError("the target has a final 1x1 conv but the seed backbone was built without one "
+                             "(build it with taps=('final',))")
+        report.layers.append(LayerReport("conv1x1", "", remap_conv_bn(seed.final, target.final, "final"),
+                                         "final", "final"))
+    for attr in ("activation", "bn_eps"):
+        if getattr(sa, attr) != getattr(ta, attr):
+            report.notes.append(f"target {attr} {getattr(ta, attr)} differs from the seed's {getattr(sa, attr)}")
+    return report
