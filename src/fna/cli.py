@@ -29,6 +29,17 @@ def main() -> None:
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory for the demo's outputs.")] = Path("runs/demo"),
+    seed_weights: Annotated[Optional[str], typer.Option(help="MobileNetV2 ImageNet weights file.")] = None,
+) -> None:
+    """Run the built-in demo (what `make demo` runs)."""
+    from fna.demo import run_demo
+
+    run_demo(out, seed_weights)
+
+
+@app.command()
 def archs() -> None:
     """List the built-in architectures."""
     from fna.arch import BUILTIN_ARCHS

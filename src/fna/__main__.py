@@ -1,0 +1,3 @@
+from fna.cli import main
+
+main()

@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def fna(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fna", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,message", [
+    (("madds", "--arch", "resnet_9000"), "unknown architecture 'resnet_9000'"),
+    (("madds", "--task", "pose"), "unknown task 'pose'"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+    out = fna(*args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_malformed_arch_file_names_the_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{ not json")
+    out = fna("madds", "--arch", str(bad))
+    assert out.returncode == 1 and "broken.json: malformed JSON" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_madds_reads_a_net_config_file(tmp_path):
+    path = tmp_path / "net.txt"
+    path.write_text("[[32, 16], ['k3_e1'], 1]|[[16, 24], ['k3_e6', 'k3_e6'], 2]|[[24, 32], ['k5_e3'], 2]")
+    out = fna("madds", "--arch", str(path), "--task", "cls", "--size", "32", "32", "--classes", "10", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["classes"] == 10 and result["size"] == [32, 32] and result["params"] > 0
