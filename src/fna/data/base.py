@@ -1,0 +1,137 @@
+"""What every dataset shares: :class:`DataError`, reading images and masks, and skip-or-raise.
+
+Validation happens in two places. At construction a dataset checks what is cheap: files exist,
+annotations parse and make sense (category ids, box sizes and bounds against the size the annotation
+states). At load time it checks what needs the pixels: the image decodes, the mask is single-channel,
+has the image's size and holds only known ids. :meth:`ItemDataset.verify` runs the load-time checks
+on every item up front (what an evaluator should do, so no bad item is ever replaced by another).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from fna.errors import FnaError
+
+log = logging.getLogger("fna.data")
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(FnaError):
+    """A dataset file or annotation is missing or wrong; the message names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def read_image(path: Path) -> tv_tensors.Image:
+    """An RGB image as ``uint8 [3, H, W]``; :class:`DataError` if it is missing or does not decode."""
+    try:
+        with Image.open(path) as im:
+            return tv_tensors.Image(F.pil_to_tensor(im.convert("RGB")))
+    except FileNotFoundError:
+        raise DataError(path, "image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(path, f"unreadable image ({e})") from None
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """The raw ids of a single-channel (``L``, ``P`` or 16-bit) label PNG as ``int64 [H, W]``."""
+    try:
+        with Image.open(path) as im:
+            if len(im.getbands()) != 1:
+                raise DataError(path, f"mask must be single-channel (L or P mode), got mode {im.mode}")
+            return np.asarray(im, dtype=np.int64)
+    except FileNotFoundError:
+        raise DataError(path, "mask file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(path, f"unreadable mask ({e})") from None
+
+
+def require_file(path: Path, what: str) -> DataError | None:
+    """A :class:`DataError` when ``path`` is not a file (for the construction-time existence checks)."""
+    return None if path.is_file() else DataError(path, f"{what} not found")
+
+
+class ItemDataset(Dataset):
+    """A list of ``items`` loaded one at a time by :meth:`load`, with skip-or-raise on bad items.
+
+    ``skip_bad=False``: the first bad item raises :class:`DataError`. ``skip_bad=True``: bad items are
+    recorded in ``skipped`` as ``(path, reason)``; at construction they are left out, at load time the
+    next good item is returned instead (and logged; records made in DataLoader worker processes stay in
+    those processes, so call :meth:`verify` first when the full list matters).
+    """
+
+    def __init__(self, root: Path, transforms: Callable | None, skip_bad: bool) -> None:
+        self.root = Path(root)
+        self.transforms = transforms
+        self.skip_bad = skip_bad
+        self.skipped: list[tuple[str, str]] = []
+        self.items: list[Any] = []
+
+    def reject(self, error: DataError) -> None:
+        """Raise ``error``, or record it when skipping bad items."""
+        if not self.skip_bad:
+            raise error
+        log.warning("skipping %s: %s", error.path, error.reason)
+        self.skipped.append((error.path, error.reason))
+
+    def keep_good(self, candidates: list[tuple[Any, DataError | None]]) -> None:
+        """Set ``items`` to the candidates without an error, rejecting the others; error if none is left."""
+        for item, error in candidates:
+            if error is None:
+                self.items.append(item)
+            else:
+                self.reject(error)
+        if not self.items:
+            raise DataError(self.root, "no usable items" if candidates else "no items found")
+
+    def load(self, item: Any) -> tuple[Any, Any]:
+        """The untransformed sample of one item; raises :class:`DataError` on bad pixels."""
+        raise NotImplementedError
+
+    def verify(self) -> ItemDataset:
+        """Run the load-time checks on every item now, dropping (or raising on) the bad ones."""
+        good = []
+        for item in self.items:
+            try:
+                self.load(item)
+                good.append(item)
+            except DataError as e:
+                self.reject(e)
+        self.items = good
+        return self
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        if not -len(self.items) <= index < len(self.items):
+            raise IndexError(index)
+        for k in range(len(self.items)):
+            try:
+                sample = self.load(self.items[(index + k) % len(self.items)])
+            except DataError as e:
+                self.reject(e)
+                continue
+            return self.transforms(*sample) if self.transforms is not None else sample
+        raise DataError(self.root, "every item failed to load")
+
+
+def as_tensor_mask(ids: np.ndarray) -> tv_tensors.Mask:
+    """``int64 [H, W]`` array → :class:`tv_tensors.Mask`."""
+    return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
