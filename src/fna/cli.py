@@ -77,3 +77,23 @@ def madds(
         table.add_row(part, f"{c['madds']:,}", f"{c['params']:,}")
     table.add_row("[bold]total", f"[bold]{cost.madds:,}", f"[bold]{cost.params:,}")
     console.print(table)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: the built-in demo data.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("make-demo")
+def data_make_demo(
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into.")],
+    train: Annotated[int, typer.Option(help="Training images.")] = 200,
+    val: Annotated[int, typer.Option(help="Validation images.")] = 50,
+    size: Annotated[int, typer.Option(help="Image side in pixels (square images).")] = 128,
+    seed: Annotated[int, typer.Option(help="Generator seed: same seed, same bytes.")] = 0,
+) -> None:
+    """Write the built-in shapes-on-photos dataset (COCO json + semantic mask PNGs)."""
+    from fna.data.demo import write_demo
+
+    counts = write_demo(out, train, val, size, seed)
+    console.print(f"wrote {counts['train_images']} train images ({counts['train_objects']} objects) and "
+                  f"{counts['val_images']} val images ({counts['val_objects']} objects) to {out}", highlight=False)
