@@ -18,7 +18,7 @@ from fna.arch import Arch
 from fna.errors import FnaError
 from fna.backbone import Backbone, Classifier, ssdlite_taps, stride_taps
 from fna.tasks.detection import FNARetinaNet, SSDLite
-from fna.tasks.segmentation import DeepLabV3
+from fna.tasks.segmentation import IGNORE_INDEX, DeepLabV3
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,8 @@ class TaskSpec:
         torchvision's loss terms.
         """
         images, targets = batch
-        if self.name == "seg":
-            return model.loss(model(images), targets)
-        if self.name == "cls":
-            return nn.functional.cross_entropy(model(images), targets)
+        if self.name in ("seg", "cls"):
+            return nn.functional.cross_entropy(model(images), targets, ignore_index=IGNORE_INDEX)
         return sum(model(images, targets).values())
 
 

@@ -60,8 +60,3 @@ class DeepLabV3(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     dense_forward = forward
-
-    @staticmethod
-    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Pixel-wise cross-entropy; label 255 is ignored."""
-        return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)

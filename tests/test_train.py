@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from fna.errors import FnaError
+from fna.tasks import build_model, get_task
+from fna.train import ResumableSampler, TrainConfig, batches, fit, lr_factor, paper_recipe
+
+
+class RandomSegmentation(Dataset):
+    """A few random images with a learnable mask (bright pixels are class 1)."""
+
+    def __init__(self, n: int = 6, size: int = 32) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.images = torch.randn(n, 3, size, size, generator=g)
+        self.masks = (self.images[:, 0] > 0).long()
+        self.masks[:, :2] = 255
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.masks[i]
+
+
+def collate(items):
+    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+
+def _config(**kw) -> TrainConfig:
+    return TrainConfig(**{"iters": 4, "batch_size": 2, "lr": 0.01, "checkpoint_every": 2, **kw})
+
+
+def test_poly_schedule_with_linear_warmup():
+    cfg = TrainConfig(iters=100, warmup_iters=10, warmup_factor=0.0, schedule="poly", poly_power=0.9)
+    assert lr_factor(cfg, 0) == 0.0 and lr_factor(cfg, 5) == pytest.approx(0.5)
+    assert lr_factor(cfg, 50) == pytest.approx(0.5 ** 0.9)
+
+
+def test_step_schedule_drops_at_milestones():
+    cfg = TrainConfig(iters=12, schedule="step", milestones=[8 / 12, 11 / 12])
+    assert [round(lr_factor(cfg, i), 6) for i in (7, 8, 10, 11)] == [1.0, 0.1, 0.1, 0.01]
+
+
+def test_paper_recipe_scales_lr_with_batch():
+    assert paper_recipe("seg", 8, 1000).lr == pytest.approx(0.005)
+    assert paper_recipe("ssdlite", 64, 1000).optimizer == "rmsprop"
+
+
+def test_sampler_shards_and_resumes_mid_epoch():
+    full = ResumableSampler(10, seed=3).indices(0)
+    a, b = ResumableSampler(10, 3, rank=0, world=2).indices(0), ResumableSampler(10, 3, rank=1, world=2).indices(0)
+    assert sorted(a + b) == sorted(full) and len(a) == len(b) == 5
+    s = ResumableSampler(10, seed=3)
+    s.skip = 4
+    assert list(s) == full[4:]
+
+
+def test_batches_resume_at_the_same_batch():
+    data = RandomSegmentation(6)
+    straight = batches(data, collate, 2, seed=0)
+    seen = [next(straight)[0] for _ in range(5)]
+    resumed = batches(data, collate, 2, seed=0, start=3)
+    assert torch.equal(next(resumed)[0], seen[3]) and torch.equal(next(resumed)[0], seen[4])
+
+
+def test_fit_reduces_the_loss_of_a_tiny_segmenter(tiny_arch, tmp_path):
+    losses: list[float] = []
+    model = build_model("seg", tiny_arch, 2)
+    fit(model, get_task("seg"), RandomSegmentation(), collate, _config(iters=40, lr=0.05, log_every=1), tmp_path,
+        progress=lambda it, loss: losses.append(loss))
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_interrupted_and_resumed_fit_equals_uninterrupted(tiny_arch, tmp_path):
+    task, data = get_task("seg"), RandomSegmentation()
+    torch.manual_seed(0)
+    straight = build_model("seg", tiny_arch, 2)
+    fit(straight, task, data, collate, _config(iters=4), tmp_path / "a")
+    torch.manual_seed(0)
+    interrupted = build_model("seg", tiny_arch, 2)
+
+    def interrupt(it: int, loss: float) -> None:
+        if it == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, task, data, collate, _config(iters=4, log_every=1), tmp_path / "b", progress=interrupt)
+    torch.manual_seed(123)  # a new process would start from a different state
+    fresh = build_model("seg", tiny_arch, 2)
+    fit(fresh, task, data, collate, _config(iters=4), tmp_path / "b", resume=True)
+    for (k, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_arch, tmp_path):
+    data = RandomSegmentation()
+    model = build_model("seg", tiny_arch, 2)
+    fit(model, get_task("seg"), data, collate, _config(iters=2), tmp_path)
+    data.images[:] = math.nan
+    with pytest.raises(FnaError, match="loss is nan at iteration 2.*checkpoint.pt"):
+        fit(model, get_task("seg"), data, collate, _config(iters=4), tmp_path, resume=True)
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error(tiny_arch, tmp_path):
+    with pytest.raises(FnaError, match="fewer than one batch"):
+        fit(build_model("seg", tiny_arch, 2), get_task("seg"), RandomSegmentation(1), collate, _config(), tmp_path)
