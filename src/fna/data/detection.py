@@ -48,7 +48,8 @@ def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int
         return f"non-positive box size {x1 - x0:g}x{y1 - y0:g}"
     t = BOX_TOLERANCE
     clipped = [min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height)]
-    if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t or not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+    empty = not (clipped[2] > clipped[0] and clipped[3] > clipped[1])
+    if x0 < -t or y0 < -t or x1 > width + t or y1 > height + t or empty:
         return f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) outside the {width}x{height} image"
     return clipped
 

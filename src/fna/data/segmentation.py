@@ -59,8 +59,8 @@ class SegmentationDataset(ItemDataset):
         self.num_classes = len(self.class_names)
         self._lut = lut
         self._valid_ids = valid_ids
-        self.keep_good([((img, mask), require_file(img, "image file") or require_file(mask, "mask for image " + img.name))
-                        for img, mask in pairs])
+        self.keep_good([((img, mask), require_file(img, "image file")
+                          or require_file(mask, f"mask for image {img.name}")) for img, mask in pairs])
 
     def load(self, item: tuple[Path, Path]) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         image_path, mask_path = item

@@ -1,0 +1,119 @@
+"""Transforms keep boxes and masks aligned with the image; crops pad masks with 255; the split is stable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from fna.data import (det_collate, det_eval_transforms, retinanet_train_transforms, seg_collate,
+                      seg_eval_transforms, seg_train_transforms, split_by_image, ssdlite_train_transforms)
+from fna.tasks.detection import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _det_sample(h: int = 30, w: int = 40) -> tuple[tv_tensors.Image, dict]:
+    """An image with two boxes; ``masks`` marks each box's pixels so geometry can be checked after."""
+    boxes = torch.tensor([[5.0, 4.0, 15.0, 20.0], [20.0, 10.0, 38.0, 28.0]])
+    masks = torch.zeros(2, h, w, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        m[y0:y1, x0:x1] = 1
+    image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+    return image, {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+                   "labels": torch.tensor([3, 1]), "iscrowd": torch.tensor([0, 0]), "image_id": 5,
+                   "masks": tv_tensors.Mask(masks)}
+
+
+def test_retinanet_flip_moves_boxes_with_the_image():
+    image, target = _det_sample()
+    flipped_seen = kept_seen = False
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out, t = retinanet_train_transforms(min_size=30, max_size=1000)(image, target)
+        assert out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+        if torch.allclose(out, image.flip(-1).float() / 255):
+            flipped_seen = True
+            assert t["boxes"].tolist() == [[40 - 15, 4, 40 - 5, 20], [40 - 38, 10, 40 - 20, 28]]
+        else:
+            kept_seen = True
+            assert torch.allclose(out, image.float() / 255) and t["boxes"].tolist() == target["boxes"].tolist()
+        assert t["labels"].tolist() == [3, 1] and t["image_id"] == 5
+    assert flipped_seen and kept_seen
+
+
+def test_retinanet_resize_keeps_ratio_within_max_size():
+    image, target = _det_sample(30, 40)
+    out, t = retinanet_train_transforms(min_size=60, max_size=70)(image, target)
+    assert out.shape[-2:] == (52, 70)  # short side 60 would make the long side 80 > 70
+    assert t["boxes"].canvas_size == (52, 70)
+
+
+def _box_of(mask: torch.Tensor) -> list[float]:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ssdlite_augmentation_keeps_boxes_on_their_pixels(seed):
+    torch.manual_seed(seed)
+    image, t = ssdlite_train_transforms(size=64)(*_det_sample())
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert len(t["boxes"]) == len(t["labels"]) == len(t["iscrowd"]) == len(t["masks"]) >= 1
+    for box, mask in zip(t["boxes"], t["masks"]):
+        assert box.tolist() == pytest.approx(_box_of(mask), abs=1.5)
+
+
+def test_det_eval_keeps_size_and_scales_to_unit_range():
+    image, target = _det_sample()
+    out, t = det_eval_transforms()(image, target)
+    assert torch.allclose(out, image.float() / 255) and torch.equal(t["boxes"], target["boxes"])
+
+
+def _normalized(value: float) -> torch.Tensor:
+    return (value - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+
+
+def test_seg_crop_pads_image_with_zero_and_mask_with_255():
+    image = tv_tensors.Image(torch.full((3, 6, 8), 255, dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.ones(6, 8, dtype=torch.int64))
+    out, m = seg_train_transforms(crop=(10, 12), scale=(1.0, 1.0))(image, mask)
+    assert out.shape == (3, 10, 12) and m.shape == (10, 12) and m.dtype == torch.int64
+    padded = m == 255
+    assert padded.sum() == 10 * 12 - 6 * 8 and (m[~padded] == 1).all()
+    assert torch.allclose(out[:, padded].T, _normalized(0.0).expand(int(padded.sum()), 3))
+    assert torch.allclose(out[:, ~padded].T, _normalized(1.0).expand(48, 3))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_seg_train_keeps_mask_aligned_with_image(seed):
+    torch.manual_seed(seed)
+    mask = torch.zeros(32, 48, dtype=torch.int64)
+    mask[:, 24:] = 1
+    mask[8:24, 4:16] = 2
+    image = tv_tensors.Image((mask * 100).to(torch.uint8).expand(3, -1, -1).clone())
+    out, m = seg_train_transforms(crop=(24, 24), scale=(0.5, 2.0))(image, tv_tensors.Mask(mask))
+    red = out[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    valid = m != 255
+    agree = (torch.round(red[valid] * 255 / 100) == m[valid]).float().mean()
+    assert agree > 0.9  # only interpolated edge pixels may differ
+
+
+def test_seg_eval_only_normalizes():
+    image = tv_tensors.Image(torch.zeros(3, 4, 5, dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.arange(20).reshape(4, 5))
+    out, m = seg_eval_transforms()(image, mask)
+    assert torch.allclose(out[:, 0, 0], _normalized(0.0)) and torch.equal(m, mask)
+
+
+def test_collate_functions():
+    images, masks = seg_collate([(torch.zeros(3, 4, 5), torch.zeros(4, 5, dtype=torch.int64))] * 2)
+    assert images.shape == (2, 3, 4, 5) and masks.shape == (2, 4, 5)
+    samples = [_det_sample(), _det_sample(20, 10)]
+    images, targets = det_collate(samples)
+    assert [i.shape for i in images] == [(3, 30, 40), (3, 20, 10)] and targets[1] is samples[1][1]
+
+
+def test_split_by_image_is_a_deterministic_partition():
+    a, b = split_by_image(11, seed=3)
+    assert (a, b) == split_by_image(11, seed=3)
+    assert sorted(a + b) == list(range(11)) and len(a) == 6 and len(b) == 5
+    assert split_by_image(11, seed=4) != (a, b)
