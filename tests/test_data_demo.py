@@ -82,3 +82,9 @@ def test_cli_make_demo(tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 train images" in result.output
     assert len(open_segmentation(tmp_path / "d", "folder", "val")) == 1
+
+
+def test_rewriting_a_smaller_demo_leaves_no_stale_images(tmp_path):
+    write_demo(tmp_path, n_train=3, n_val=1, size=32)
+    write_demo(tmp_path, n_train=1, n_val=1, size=32)
+    assert len(open_segmentation(tmp_path, "folder", "train")) == len(open_detection(tmp_path, "coco", "train")) == 1

@@ -132,3 +132,8 @@ def test_iterating_a_dataset_stops(folder_root):
 def test_unknown_format_is_an_error(folder_root):
     with pytest.raises(DataError, match="unknown segmentation format 'ade'"):
         open_segmentation(folder_root, "ade", "train")
+
+
+def test_folder_unknown_split_says_what_was_looked_for(folder_root):
+    with pytest.raises(DataError, match=r"split 'val': neither images/val/ nor val\.txt found"):
+        FolderSegmentation(folder_root, "val")

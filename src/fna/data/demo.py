@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from fna.data.base import DataError
+
 CLASSES = ("circle", "rectangle", "triangle", "star", "cross")
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "camera",
           "coins", "moon")
@@ -183,9 +185,12 @@ def write_demo(root: str | Path, n_train: int = 200, n_val: int = 50, size: int 
                seed: int = 0) -> dict[str, int]:
     """Write the demo dataset under ``root`` (layout in the module doc); same arguments, same bytes.
 
-    Image ``i`` of a split depends only on ``(seed, split, i, size)``. Returns image and object counts.
+    Image ``i`` of a split depends only on ``(seed, split, i, size)``. Earlier demo images in ``root``
+    are replaced. Returns image and object counts.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(root, "exists and is not a folder")
     size = (size, size) if isinstance(size, int) else tuple(size)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(("background", *CLASSES)) + "\n")
@@ -193,6 +198,8 @@ def write_demo(root: str | Path, n_train: int = 200, n_val: int = 50, size: int 
     for split_code, (split, n) in enumerate(zip(SPLITS, (n_train, n_val))):
         for sub in ("images", "masks"):
             (root / sub / split).mkdir(parents=True, exist_ok=True)
+            for stale in (root / sub / split).glob(f"{split}_*.png"):  # from an earlier, larger demo
+                stale.unlink()
         images, annotations = [], []
         for i in range(n):
             sample = make_sample(np.random.default_rng([seed, split_code, i]), size)

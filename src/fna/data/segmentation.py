@@ -143,6 +143,8 @@ class FolderSegmentation(SegmentationDataset):
             image_dir, mask_dir = image_dir / split, mask_dir / split
             images = list_images(image_dir)
         elif split is not None:
+            if not (root / f"{split}.txt").is_file():
+                raise DataError(root, f"split {split!r}: neither images/{split}/ nor {split}.txt found")
             stems = read_split_file(root / f"{split}.txt")
             by_stem = {p.stem: p for p in list_images(image_dir)}
             images = [by_stem.get(s, image_dir / f"{s}.png") for s in stems]
@@ -163,7 +165,7 @@ def list_images(folder: Path) -> list[Path]:
 SEG_FORMATS = {"cityscapes": CityscapesSegmentation, "voc": VOCSegmentation, "folder": FolderSegmentation}
 
 
-def open_segmentation(root: str | Path, format: str, split: str, transforms: Callable | None = None,
+def open_segmentation(root: str | Path, format: str, split: str | None, transforms: Callable | None = None,
                       skip_bad: bool = False) -> SegmentationDataset:
     """The segmentation dataset of ``format`` (cityscapes | voc | folder) at ``root``."""
     if format not in SEG_FORMATS:
