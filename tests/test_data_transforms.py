@@ -117,3 +117,13 @@ def test_split_by_image_is_a_deterministic_partition():
     assert (a, b) == split_by_image(11, seed=3)
     assert sorted(a + b) == list(range(11)) and len(a) == 6 and len(b) == 5
     assert split_by_image(11, seed=4) != (a, b)
+
+
+@pytest.mark.parametrize("make", [lambda: ssdlite_train_transforms(size=32), lambda: retinanet_train_transforms(32, 64)])
+def test_detection_train_transforms_accept_images_without_boxes(make):
+    image = tv_tensors.Image(torch.zeros(3, 20, 30, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(20, 30)),
+              "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0, dtype=torch.int64),
+              "image_id": 1}
+    out, t = make()(image, target)
+    assert out.dtype == torch.float32 and t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
