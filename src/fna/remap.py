@@ -80,7 +80,12 @@ def remap_bn_vector(src: torch.Tensor, size: int, fresh: float) -> torch.Tensor:
 
 @dataclass
 class TensorReport:
-    """What one target tensor received. ``inherited`` counts its entries taken from the seed."""
+    """What one target tensor received. ``inherited`` counts its entries taken from the seed.
+
+    ``actions``: ``copied`` (same shape), ``cropped`` (some dim smaller: first-k or centre crop),
+    ``zero-filled`` (conv, some dim larger), ``fresh-filled`` (BN, longer: new entries at the fresh
+    init), ``fresh`` (nothing in the seed to take). Depth duplication is a property of the layer.
+    """
 
     name: str
     src_shape: tuple[int, ...] | None
