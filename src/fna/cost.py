@@ -7,11 +7,16 @@ pooling, additions and upsampling count 0. Params are all parameters. Counts are
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from fna.errors import FnaError
 
 
 @dataclass
@@ -85,12 +90,183 @@ def count(model: nn.Module, example: torch.Tensor, forward: Callable[[torch.Tens
     return Cost(sum(madds.values()), sum(params.values()), breakdown)
 
 
-def model_cost(task: str, arch, size: tuple[int, int] | None = None, num_classes: int | None = None) -> Cost:
-    """MAdds/params of ``task``'s model on ``arch`` at ``size`` (default: the paper's size for the task)."""
+def model_cost(task: str, arch, size: tuple[int, int] | None = None, num_classes: int | None = None,
+               device: str = "cpu") -> Cost:
+    """MAdds/params of ``task``'s model on ``arch`` at ``size`` (default: the paper's size for the task).
+
+    ``device="meta"`` counts from shapes alone, without computing anything (same numbers, much faster).
+    """
     from fna.tasks import build_model, get_task
 
     spec = get_task(task)
-    model = build_model(task, arch, num_classes)
+    with torch.device(device):
+        model = build_model(task, arch, num_classes)
     h, w = size or spec.paper_size
-    return count(model, torch.zeros(1, 3, h, w), forward=getattr(model, "dense_forward", None),
+    return count(model, torch.zeros(1, 3, h, w, device=device), forward=getattr(model, "dense_forward", None),
                  parts=getattr(model, "cost_parts", None))
+
+
+# -- per-candidate cost tables for the search (SPEC §4) ------------------------------------------
+
+COST_UNITS = {"madds": 1e-9, "ms": 1.0}  # table unit → factor to the loss unit (GMAdds, ms)
+
+
+class CostTableError(FnaError):
+    """A cost or latency table is unreadable or does not fit the search space."""
+
+
+@dataclass
+class CostTable:
+    """Cost of every candidate of every searched layer, plus the cost of everything not searched.
+
+    ``layers[s][l][k]`` is the cost of candidate ``k`` (``candidates[s][l][k]``) at layer ``l`` of
+    searched stage ``s``; ``fixed`` is the rest of the task model (stem, first block, final conv, neck,
+    head), so ``fixed + Σ chosen`` is the whole network's cost. ``unit`` is ``madds`` (integers) or
+    ``ms`` (a measured latency table).
+    """
+
+    unit: str
+    fixed: float
+    layers: list[list[list[float]]]
+    candidates: list[list[list[str]]]
+    key: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.unit not in COST_UNITS:
+            raise CostTableError(f"unknown cost unit {self.unit!r}: expected one of {', '.join(COST_UNITS)}")
+        shape = [[len(c) for c in stage] for stage in self.candidates]
+        if [[len(c) for c in stage] for stage in self.layers] != shape:
+            raise CostTableError(f"cost table shape {[[len(c) for c in s] for s in self.layers]} does not match "
+                                 f"its candidates {shape}")
+        if self.fixed < 0 or any(c < 0 for stage in self.layers for layer in stage for c in layer):
+            raise CostTableError("costs must be >= 0")
+
+    def path_cost(self, path: list[list[int]]) -> float:
+        """Whole-network cost of a single path (table unit)."""
+        return self.fixed + sum(layer[k] for stage, p in zip(self.layers, path) for layer, k in zip(stage, p))
+
+    def bounds(self) -> tuple[float, float]:
+        """Cost of the cheapest and of the most expensive path (table unit)."""
+        flat = [layer for stage in self.layers for layer in stage]
+        return self.fixed + sum(min(c) for c in flat), self.fixed + sum(max(c) for c in flat)
+
+    def expected(self, probs: list[list[torch.Tensor]]) -> torch.Tensor:
+        """``fixed + Σ_layers Σ_k p_k · cost_k`` in the loss unit (GMAdds or ms), differentiable in ``probs``."""
+        scale = COST_UNITS[self.unit]
+        total = torch.zeros((), dtype=probs[0][0].dtype, device=probs[0][0].device) + self.fixed * scale
+        for stage_p, stage_c in zip(probs, self.layers):
+            for p, c in zip(stage_p, stage_c):
+                total = total + (p * torch.tensor(c, dtype=p.dtype, device=p.device) * scale).sum()
+        return total
+
+    def check_fits(self, candidates: list[list[tuple[str, ...]]]) -> None:
+        """Raise :class:`CostTableError` unless the table lists exactly ``candidates``."""
+        if [[list(c) for c in s] for s in candidates] != self.candidates:
+            raise CostTableError("the cost table was made for a different search space (candidates differ)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostTable:
+        """Read a table written by :meth:`save`, or a user latency table of the same shape."""
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(unit=str(d["unit"]), fixed=float(d["fixed"]),
+                       layers=[[[float(c) for c in layer] for layer in stage] for stage in d["layers"]],
+                       candidates=[[[str(o) for o in layer] for layer in stage] for stage in d["candidates"]],
+                       key=dict(d.get("key", {})))
+        except OSError as e:
+            raise CostTableError(f"{path}: cannot read ({e.strerror})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CostTableError(f"{path}: not a cost table ({type(e).__name__}: {e}); expected JSON with unit, "
+                                 "fixed, layers [stage][layer][candidate] and candidates of the same shape") from None
+
+
+def candidate_cost_table(model: nn.Module, backbone: nn.Module, example: torch.Tensor,
+                         forward: Callable[[torch.Tensor], object] | None = None) -> CostTable:
+    """MAdds of every candidate of ``backbone`` (a :class:`~fna.supernet.SuperBackbone` inside ``model``).
+
+    One forward with every candidate running counts each candidate's convs at its position; all
+    other convs of ``model`` are the fixed part. ``example`` may live on the ``meta`` device.
+    """
+    prefix = next(name for name, m in model.named_modules() if m is backbone)
+    prefix = prefix + "." if prefix else ""
+    labels = {}
+    for i, layers in enumerate(backbone.candidates, start=1):
+        for j, names in enumerate(layers):
+            for k in range(len(backbone.stages[i][j].ops)):
+                labels[f"{i}.{j}.{k}"] = f"{prefix}stages.{i}.{j}.ops.{k}"
+    previous = backbone.path
+    backbone.set_path(None)
+    try:
+        cost = count(model, example, forward, parts=labels)
+    finally:
+        backbone.set_path(previous)
+    madds = {label: cost.parts.get(label, {}).get("madds", 0) for label in labels}
+    layers = [[[madds.get(f"{i}.{j}.{k}", 0) for k in range(len(names))] for j, names in enumerate(layers)]
+              for i, layers in enumerate(backbone.candidates, start=1)]
+    return CostTable("madds", cost.madds - sum(madds.values()), layers,
+                     [[list(names) for names in layers] for layers in backbone.candidates])
+
+
+def task_cost_table(task: str, seed_arch, space, size: tuple[int, int] | None = None,
+                    num_classes: int | None = None) -> CostTable:
+    """The MAdds table of ``task``'s super network on ``seed_arch`` over ``space`` at ``size``.
+
+    Built on the ``meta`` device: only shapes are computed, so the paper's sizes cost well under a second.
+    """
+    from fna.supernet import SuperBackbone
+    from fna.tasks import get_task
+
+    spec = get_task(task)
+    h, w = size or spec.paper_size
+    with torch.device("meta"):
+        backbone = SuperBackbone(seed_arch, space, spec.taps(seed_arch), spec.output_stride)
+        model = spec.head(backbone, num_classes or spec.num_classes)
+    table = candidate_cost_table(model, backbone, torch.zeros(1, 3, h, w, device="meta"),
+                                 getattr(model, "dense_forward", None))
+    table.key = cost_table_key(task, seed_arch, space, size, num_classes)
+    return table
+
+
+def cost_table_key(task: str, seed_arch, space, size: tuple[int, int] | None = None,
+                   num_classes: int | None = None) -> dict[str, Any]:
+    """What a cached :func:`task_cost_table` depends on, as plain JSON data."""
+    from fna.tasks import get_task
+
+    spec = get_task(task)
+    key = {"task": task, "size": list(size or spec.paper_size), "num_classes": num_classes or spec.num_classes,
+           "seed_arch": seed_arch.to_dict(), "space": space.to_dict()}
+    return json.loads(json.dumps(key))
+
+
+def best_path_within(table: CostTable, log_probs: list[list[list[float]]], low: float, high: float,
+                     bins: int = 2000) -> list[list[int]] | None:
+    """The most probable path whose cost lies in ``[low, high]`` (table unit), or ``None`` if none does.
+
+    Dynamic programming over the layers, keeping the best partial path per cost bin (``high / bins``
+    wide); exact costs are carried along, so the result is always inside the band.
+    """
+    flat = [(c, lp) for sc, sl in zip(table.layers, log_probs) for c, lp in zip(sc, sl)]
+    width = high / bins
+    states: dict[int, tuple[float, float, tuple[int, ...]]] = {0: (0.0, table.fixed, ())}
+    for costs, lps in flat:
+        nxt: dict[int, tuple[float, float, tuple[int, ...]]] = {}
+        for score, cost, chosen in states.values():
+            for k, (c, lp) in enumerate(zip(costs, lps)):
+                total = cost + c
+                if total > high:  # costs are >= 0: no completion can come back into the band
+                    continue
+                b, s = int(total / width), score + lp
+                if b not in nxt or s > nxt[b][0]:
+                    nxt[b] = (s, total, chosen + (k,))
+        states = nxt
+    feasible = [v for v in states.values() if low <= v[1] <= high]
+    if not feasible:
+        return None
+    chosen = iter(max(feasible, key=lambda v: v[0])[2])
+    return [[next(chosen) for _ in stage] for stage in table.layers]
