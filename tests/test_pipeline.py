@@ -1,0 +1,96 @@
+"""End-to-end runs of `fna train` / `fna adapt` on tiny on-disk datasets (CPU, a few steps)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fna
+from fna.data.demo import write_demo
+from fna.errors import FnaError
+from fna.pipeline import load_config, run
+
+TINY = ["finetune.iters=3", "finetune.batch_size=2", "finetune.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_demo(root, n_train=6, n_val=3, size=64, seed=1)
+    return root
+
+
+def _config(task, root, fmt, *overrides, **fields):
+    size = {"seg": "size=[48,48]", "retinanet": "size=[64,96]", "ssdlite": "size=[64,64]"}[task]
+    return load_config(None, [*TINY, size, *overrides], task=task, data={"root": str(root), "format": fmt}, **fields)
+
+
+@pytest.mark.parametrize("task,fmt", [("seg", "folder"), ("retinanet", "coco"), ("ssdlite", "coco")])
+def test_train_writes_a_complete_run_directory(task, fmt, demo_root, tmp_path, mbv2_seed):
+    summary = run(_config(task, demo_root, fmt, arch="mobilenet_v2"), tmp_path / "run")
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.yaml", "arch.json", "arch.net_config.txt", "remap_report.md", "model.fna.pt", "metrics.json",
+            "ledger.json", "summary.json", "finetune"} <= names
+    assert summary["metric_name"] == ("mIoU" if task == "seg" else "AP") and 0 <= summary["metric"] <= 1
+    assert set(summary["phases"]) == {"remap", "finetune", "eval"}
+    assert all(p["done"] and p["seconds"] > 0 and p["device"].startswith("cpu") for p in summary["phases"].values())
+    assert summary["params"] > 0 and summary["madds_data"] < summary["madds_paper_size"]
+
+
+def test_saved_model_rebuilds_and_reproduces_the_metric(demo_root, tmp_path, mbv2_seed):
+    summary = run(_config("seg", demo_root, "folder", arch="fna_deeplabv3"), tmp_path / "run")
+    model, info = fna.load(tmp_path / "run" / "model.fna.pt")
+    assert info.task == "seg" and info.class_names[0] == "background" and info.arch.name == "fna_deeplabv3"
+    assert info.seed["sha256"] == mbv2_seed.sha256
+    out = subprocess.run([sys.executable, "-m", "fna", "eval", str(tmp_path / "run" / "model.fna.pt"), "--data",
+                          str(demo_root), "--format", "folder", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["mIoU"] == pytest.approx(summary["metric"])
+
+
+def test_resume_skips_finished_phases(demo_root, tmp_path, mbv2_seed):
+    cfg = _config("seg", demo_root, "folder", arch="mobilenet_v2")
+    first = run(cfg, tmp_path / "run")
+    again = run(cfg, tmp_path / "run", resume=True)
+    assert again["metric"] == first["metric"] and again["phases"] == first["phases"]
+
+
+def test_existing_run_needs_resume_and_the_same_config(demo_root, tmp_path, mbv2_seed):
+    run(_config("seg", demo_root, "folder", arch="mobilenet_v2"), tmp_path / "run")
+    with pytest.raises(FnaError, match="already holds a run"):
+        run(_config("seg", demo_root, "folder", arch="mobilenet_v2"), tmp_path / "run")
+    with pytest.raises(FnaError, match="different config"):
+        run(_config("seg", demo_root, "folder", "finetune.iters=5", arch="mobilenet_v2"), tmp_path / "run",
+            resume=True)
+
+
+def test_random_init_baseline_records_no_seed(demo_root, tmp_path):
+    run(_config("seg", demo_root, "folder", arch="fna_deeplabv3", init="random"), tmp_path / "run")
+    _, info = fna.load(tmp_path / "run" / "model.fna.pt")
+    assert info.seed == {"seed": None, "init": "random"}
+    assert not (tmp_path / "run" / "remap_report.md").exists()
+
+
+def test_bad_config_values_are_one_line_errors(demo_root):
+    with pytest.raises(FnaError, match="finetune config: lr"):
+        _config("seg", demo_root, "folder", "finetune.lr=fast", arch="mobilenet_v2").train_config()
+    with pytest.raises(FnaError, match="run config: task"):
+        load_config(None, [], task="pose", data={"root": str(demo_root), "format": "folder"})
+
+
+def test_truncated_or_foreign_model_files_are_clear_errors(demo_root, tmp_path, mbv2_seed):
+    run(_config("seg", demo_root, "folder", arch="mobilenet_v2"), tmp_path / "run")
+    blob = (tmp_path / "run" / "model.fna.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(FnaError, match="truncated or corrupt"):
+        fna.load(tmp_path / "cut.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(FnaError, match="not an fna model file"):
+        fna.load(tmp_path / "other.pt")
+    state = torch.load(tmp_path / "run" / "model.fna.pt", weights_only=False)
+    state["format_version"] = 99
+    torch.save(state, tmp_path / "future.pt")
+    with pytest.raises(FnaError, match="model format v99"):
+        fna.load(tmp_path / "future.pt")
