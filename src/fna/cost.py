@@ -91,7 +91,7 @@ def count(model: nn.Module, example: torch.Tensor, forward: Callable[[torch.Tens
 
 
 def model_cost(task: str, arch, size: tuple[int, int] | None = None, num_classes: int | None = None,
-               device: str = "cpu") -> Cost:
+               device: str = "meta") -> Cost:
     """MAdds/params of ``task``'s model on ``arch`` at ``size`` (default: the paper's size for the task).
 
     ``device="meta"`` counts from shapes alone, without computing anything (same numbers, much faster).
@@ -206,10 +206,10 @@ def candidate_cost_table(model: nn.Module, backbone: nn.Module, example: torch.T
         cost = count(model, example, forward, parts=labels)
     finally:
         backbone.set_path(previous)
-    madds = {label: cost.parts.get(label, {}).get("madds", 0) for label in labels}
-    layers = [[[madds.get(f"{i}.{j}.{k}", 0) for k in range(len(names))] for j, names in enumerate(layers)]
+    madds = {label: float(cost.parts.get(label, {}).get("madds", 0)) for label in labels}
+    layers = [[[madds.get(f"{i}.{j}.{k}", 0.0) for k in range(len(names))] for j, names in enumerate(layers)]
               for i, layers in enumerate(backbone.candidates, start=1)]
-    return CostTable("madds", cost.madds - sum(madds.values()), layers,
+    return CostTable("madds", float(cost.madds) - sum(madds.values()), layers,
                      [[list(names) for names in layers] for layers in backbone.candidates])
 
 

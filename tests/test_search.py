@@ -1,0 +1,151 @@
+"""The search loop: steps and their gradients, outputs, resume, budget, NaN stop, two-process torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from search_helpers import one_thread, SegData, seg_collate, tiny_seed, tiny_space
+
+from fna.arch import load_arch
+from fna.cost import CostTable
+from fna.search import Search, SearchConfig, SearchError, search
+
+__all__ = ["one_thread"]  # the autouse fixture
+TESTS = Path(__file__).parent
+
+
+def _config(**overrides) -> SearchConfig:
+    base = dict(space=tiny_space().to_dict(), num_classes=3, cost_size=(64, 64), epochs=2, arch_start_epoch=1,
+                batch_size=2, lr=0.01, warmup_iters=0, progress=False, tensorboard=False, device="cpu")
+    return SearchConfig.for_task("seg", **{**base, **overrides})
+
+
+def _search(tmp_path: Path, data=None, **overrides) -> Search:
+    return Search(_config(**overrides), data or SegData(8), seg_collate, tmp_path, seed=tiny_seed())
+
+
+def test_task_defaults_follow_the_paper_and_overrides_are_checked():
+    retina, ssd = SearchConfig.for_task("retinanet"), SearchConfig.for_task("ssdlite")
+    assert (retina.epochs, retina.arch_start_epoch, retina.weight_steps_per_arch_step, retina.lam) == (14, 8, 1, 0.02)
+    assert (retina.optimizer, retina.lr, retina.lr_milestones, retina.clip_grad) == ("sgd", 0.02, [8, 11], 35.0)
+    assert (ssd.epochs, ssd.arch_start_epoch, ssd.weight_steps_per_arch_step, ssd.lam) == (30, 15, 5, 0.15)
+    assert (ssd.optimizer, ssd.lr, ssd.rms_eps, ssd.temperature) == ("rmsprop", 0.05, 1.0, 0.9)
+    assert (retina.arch_lr, retina.arch_betas, retina.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    assert SearchConfig.for_task("seg").space == "segmentation"
+    with pytest.raises(SearchError, match="no_such_key"):
+        SearchConfig.for_task("seg", no_such_key=1)
+    with pytest.raises(SearchError, match="latency_table"):
+        SearchConfig.for_task("seg", budget_latency_ms=3.0)
+
+
+def test_weight_step_trains_only_the_sampled_path_and_arch_step_only_alpha(tmp_path):
+    s = _search(tmp_path)
+    batch = seg_collate([s.weight_set[i] for i in range(2)])
+    s.weight_step(batch)
+    assert all(a.grad is None for a in s.arch_params)
+    path = s.backbone.path
+    for i, stage in enumerate(path, start=1):
+        for j, k in enumerate(stage):
+            for c, op in enumerate(s.backbone.stages[i][j].ops):
+                assert all((p.grad is not None) == (c == k) for p in op.parameters())
+    before = [a.detach().clone() for a in s.arch_params]
+    s.arch_step(batch)
+    assert all(p.grad is None for p in s.weight_params)
+    assert all(p.requires_grad for p in s.weight_params)
+    assert all(a.grad is not None for a in s.arch_params)
+    assert all(not torch.equal(a, b) for a, b in zip(s.arch_params, before))
+
+
+def test_search_writes_the_derived_arch_cost_and_logs(tmp_path):
+    result = search(_config(tensorboard=True), SegData(8), seg_collate, tmp_path, seed=tiny_seed())
+    arch = load_arch(tmp_path / "arch.json")
+    assert arch.stages == result.arch.stages
+    assert load_arch(tmp_path / "arch.net_config.txt").stages == arch.stages
+    info = json.loads((tmp_path / "arch.json").read_text())
+    table = CostTable.load(tmp_path / "cost_table.json")
+    assert info["cost"]["madds"] == table.path_cost(info["path"]) == result.cost["madds"]
+    log = [json.loads(line) for line in (tmp_path / "search_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert {"arch", "entropy", "skip_share", "expected_cost", "derived_cost"} <= set(log[-1])
+    assert len(log[-1]["entropy"]) == 4 and len(log[-1]["entropy"][0]) == 2
+    assert len(json.loads((tmp_path / "alpha_history.json").read_text())) == 2
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def hook(info: dict) -> None:
+        if info["global_step"] == step:
+            raise _Interrupt
+    return hook
+
+
+def test_interrupted_and_resumed_search_derives_the_same_arch_and_alpha(tmp_path):
+    cfg = _config(epochs=3, checkpoint_every=1, weight_steps_per_arch_step=1)
+    full = search(cfg, SegData(8), seg_collate, tmp_path / "full", seed=tiny_seed())
+    with pytest.raises(_Interrupt):
+        search(cfg, SegData(8), seg_collate, tmp_path / "cut", seed=tiny_seed(), on_step=_stop_at(3))
+    resumed = search(cfg, SegData(8), seg_collate, tmp_path / "cut", resume=True, seed=tiny_seed())
+    assert resumed.arch == full.arch
+    assert resumed.alphas == full.alphas  # bit-identical
+    full_log = (tmp_path / "full" / "search_log.jsonl").read_text()
+    assert (tmp_path / "cut" / "search_log.jsonl").read_text() == full_log
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
+    with pytest.raises(SearchError, match="no checkpoint"):
+        search(_config(), SegData(8), seg_collate, tmp_path, resume=True, seed=tiny_seed())
+
+
+def test_budget_search_lands_within_five_percent_and_records_lambda(tmp_path):
+    table = _search(tmp_path / "probe").table
+    lo, hi = table.bounds()
+    budget = lo + 0.3 * (hi - lo)
+    result = search(_config(epochs=3, arch_start_epoch=1, budget_madds=budget, arch_lr=0.05),
+                    SegData(8), seg_collate, tmp_path / "run", seed=tiny_seed())
+    assert abs(result.cost["madds"] / budget - 1) <= 0.05
+    assert len(result.lambdas) == 4  # one per architecture step
+    assert json.loads((tmp_path / "run" / "lambda.json").read_text())[0]["lambda"] == result.lambdas[0]
+
+
+@pytest.mark.parametrize("factor,match", [(0.5, "below the smallest"), (2.0, "above the largest")])
+def test_impossible_budget_is_a_clear_error_up_front(tmp_path, factor, match):
+    lo, hi = _search(tmp_path / "probe").table.bounds()
+    with pytest.raises(SearchError, match=match):
+        _search(tmp_path / "run", budget_madds=(lo if factor < 1 else hi) * factor)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = SegData(8)
+
+    def poison(info: dict) -> None:
+        if info["global_step"] == 2:  # end of epoch 0: its checkpoint is written
+            data.poison = True
+
+    with pytest.raises(SearchError, match="nan.*last good checkpoint"):
+        search(_config(epochs=3), data, seg_collate, tmp_path, seed=tiny_seed(), on_step=poison)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["position"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_two_process_torchrun_derives_the_same_alpha_and_arch_on_both_ranks(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(TESTS / "search_worker.py"), str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    debug = tmp_path / "debug"
+    a0, a1 = (torch.load(debug / f"alpha_rank{r}.pt") for r in (0, 1))
+    assert a0.keys() == a1.keys() and all(torch.equal(a0[k], a1[k]) for k in a0)
+    assert any(not torch.equal(a0[k], torch.zeros_like(a0[k])) for k in a0)
+    assert (debug / "arch_rank0.json").read_text() == (debug / "arch_rank1.json").read_text()
+    assert (tmp_path / "arch.json").is_file()
