@@ -217,3 +217,54 @@ def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
     console.print(info.arch.describe(), highlight=False)
     console.print(f"seed: {info.seed}\nfna {info.version} (commit {info.commit[:12]}), "
                   f"{sum(p.numel() for p in net.parameters()):,} parameters", highlight=False)
+
+
+@app.command("search")
+def search_cmd(
+    task: TaskOpt, data: DataOpt, fmt: FormatOpt,
+    out: Annotated[Path, typer.Option(help="Run directory (arch.json, logs, checkpoint).")] = Path("runs/search"),
+    config: Annotated[Optional[Path], typer.Option(help="YAML/JSON of fna.search.SearchConfig fields.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides of SearchConfig, e.g. "
+                                                                  "epochs=4 lam=0.1 cost_size=[512,1024]")] = None,
+    seed: SeedOpt = "mobilenet_v2", seed_weights: SeedWeightsOpt = None,
+    split: Annotated[str, typer.Option(help="Training split to search on (halved by image).")] = "train",
+    size: Annotated[Optional[tuple[int, int]], typer.Option(help="Training size: seg crop H W; RetinaNet min/max "
+                                                                 "size; SSDLite S S.")] = None,
+    budget_madds: Annotated[Optional[float], typer.Option(help="Hard MAdds budget of the whole model at the cost "
+                                                               "size (±5%).")] = None,
+    budget_latency_ms: Annotated[Optional[float], typer.Option(help="Hard latency budget (needs --latency-table).")] = None,
+    latency_table: Annotated[Optional[Path], typer.Option(help="Per-candidate latency table (JSON, ms).")] = None,
+    skip_bad: SkipBadOpt = False, resume: ResumeOpt = False,
+) -> None:
+    """Architecture adaptation only: search the super network on --data and write the derived arch to --out."""
+    from omegaconf import OmegaConf
+
+    from fna.data import (det_collate, open_detection, open_segmentation, retinanet_train_transforms, seg_collate,
+                          seg_train_transforms, ssdlite_train_transforms)
+    from fna.pipeline import load_config
+    from fna.search import SearchConfig, search
+
+    run = load_config(None, [], task=task, data={"root": str(data), "format": fmt}, size=size)
+    if task == "seg":
+        dataset = open_segmentation(data, fmt, split, seg_train_transforms(run.input_size, run.scale), skip_bad)
+        collate = seg_collate
+    else:
+        h, w = run.input_size
+        tf = retinanet_train_transforms(h, w) if task == "retinanet" else ssdlite_train_transforms(h)
+        dataset, collate = open_detection(data, fmt, split, tf, skip_bad), det_collate
+    fields = {"seed": seed, "seed_weights": seed_weights, "model_kwargs": run.model_kwargs(),
+              "num_classes": len(dataset.class_names),
+              "budget_madds": budget_madds, "budget_latency_ms": budget_latency_ms,
+              "latency_table": str(latency_table) if latency_table else None}
+    try:
+        merged = OmegaConf.merge(OmegaConf.load(config) if config else {},
+                                 {k: v for k, v in fields.items() if v is not None},
+                                 OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as e:
+        raise FnaError(f"bad search config or override: {e}") from None
+    cfg = SearchConfig.for_task(task, **OmegaConf.to_container(merged, resolve=True))
+    console.print(f"[bold]search[/] {task}: {cfg.epochs} epochs on {len(dataset)} images → {out}", highlight=False)
+    result = search(cfg, dataset, collate, out, resume=resume)
+    console.print(result.arch.describe(), highlight=False)
+    console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
+                  f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", highlight=False)
