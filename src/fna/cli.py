@@ -219,6 +219,17 @@ def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
                   f"{sum(p.numel() for p in net.parameters()):,} parameters", highlight=False)
 
 
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (fna adapt / fna train --out).")]) -> None:
+    """(Re)write a run's report.md and self-contained report.html from the files its phases wrote."""
+    from fna.report import write_report
+
+    if not run_dir.is_dir():
+        raise FnaError(f"{run_dir}: no such run directory")
+    md, page = write_report(run_dir)
+    console.print(f"wrote {md} and {page}", highlight=False)
+
+
 @app.command("search")
 def search_cmd(
     task: TaskOpt, data: DataOpt, fmt: FormatOpt,

@@ -253,6 +253,10 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
     console.print(f"[bold]{METRIC[cfg.task]}[/] {summary['metric']:.4f} · {summary['madds_data'] / 1e9:.3f} GMAdds at "
                   f"{summary['data_size'][0]}×{summary['data_size'][1]} · {summary['params'] / 1e6:.3f}M params · "
                   f"run in {run_dir}")
+    if dist.is_main():
+        from fna.report import write_report
+
+        console.print(f"[bold]report[/] {write_report(run_dir)[1]}", highlight=False)
     return summary
 
 
