@@ -22,7 +22,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from fna.arch import BUILTIN_ARCHS, SKIP, Arch, ArchError, load_arch, parse_op
+from fna.arch import BUILTIN_ARCHS, Arch, ArchError, load_arch, parse_op
 from fna.cost import COST_UNITS
 
 PLOTS = ("arch.png", "alpha.png", "curves.png", "lambda.png")
@@ -233,7 +233,7 @@ def plot_archs(rows: list[tuple[str, Arch]], path: Path) -> None:
     ax = fig.add_subplot()
     ys = [1.25 * (len(rows) - 1 - r) for r in range(len(rows))]
     for i, (x0, w) in enumerate(zip(starts, widths)):
-        ax.add_patch(Rectangle((x0 - 0.3, -0.65), w + 0.0, ys[0] + 1.3, color="#f2f2f2" if i % 2 else "#e6ecf3",
+        ax.add_patch(Rectangle((x0 - 0.3, -0.65), w, ys[0] + 1.3, color="#f2f2f2" if i % 2 else "#e6ecf3",
                                zorder=0, lw=0))
         ref = next(a.stages[i] for a in archs if i < len(a.stages))
         ax.text(x0 + w / 2 - 0.3, ys[0] + 0.72, f"{ref.c_out}ch s{ref.stride}", ha="center", va="bottom", fontsize=8)
@@ -308,7 +308,7 @@ def plot_alphas(history: list[dict[str, Any]], candidates: list[list[list[str]]]
     fig.colorbar(image, ax=fig.axes, location="right", shrink=0.8, label="softmax(α)")
     ax = fig.add_subplot(grid[1, :])
     flat = [[float(p.max()) for stage in epoch for p in stage] for epoch in probs_by_epoch]
-    best = [[names[int(np.argmax(p))] for stage, st_names in zip(epoch, candidates) for names, p in zip(st_names, stage)]
+    best = [[names[int(np.argmax(p))] for stage, layers in zip(epoch, candidates) for names, p in zip(layers, stage)]
             for epoch in probs_by_epoch]
     epochs = [int(h["epoch"]) + 1 for h in history]
     ax.imshow(np.array(flat).T, vmin=0, vmax=1, cmap=HEATMAP, aspect="auto",
@@ -397,7 +397,8 @@ def _overview(run: RunFiles) -> list[Block]:
     if cfg.get("init"):
         facts.append(f"init {cfg['init']}")
     if run.arch is not None:
-        facts.append(f"architecture {run.arch.name or '(unnamed)'}" + (" (found by the search)" if run.searched else ""))
+        found = " (found by the search)" if run.searched else ""
+        facts.append(f"architecture {run.arch.name or '(unnamed)'}{found}")
     phases = [k for k, v in (run.ledger or {}).items() if v.get("done")]
     facts.append("phases done: " + (", ".join(phases) if phases else "none recorded"))
     blocks: list[Block] = ["; ".join(facts) + "."]
@@ -443,10 +444,11 @@ def _search_section(run: RunFiles, fig_dir: Path) -> list[Block]:
         plot_curves(run.search_log, budget, tolerance, arch_start, fig_dir / "curves.png")
         plot_lambda(run.search_log, run.lambdas, budget, tolerance, fig_dir / "lambda.png")
         last = run.search_log[-1]
+        entropy = np.mean([e for s in last.get("entropy", [[0]]) for e in s])
         blocks += [Image(fig_dir / "curves.png", "loss and cost curves"),
                    Image(fig_dir / "lambda.png", "lambda trajectory"),
                    f"Last epoch: skip share {last.get('skip_share', 0):.0%}, mean α entropy "
-                   f"{np.mean([e for s in last.get('entropy', [[0]]) for e in s]):.3f} nats, λ {last.get('lam', 0):.4g}."]
+                   f"{entropy:.3f} nats, λ {last.get('lam', 0):.4g}."]
     return blocks
 
 
