@@ -219,6 +219,31 @@ def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
                   f"{sum(p.numel() for p in net.parameters()):,} parameters", highlight=False)
 
 
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="model.fna.pt")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Free height/width (and segmentation batch); "
+                                                            "checked at several sizes.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default: next to MODEL, "
+                                                     "model.onnx / model.torchscript.pt).")] = None,
+    size: Annotated[Optional[tuple[int, int]], typer.Option(help="Export/check input H W (default: the "
+                                                                 "run's size).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Max |Δ| vs PyTorch, as a fraction of scale: logits "
+                                                  "/ largest |logit|, scores, boxes / image side.")] = 1e-3,
+) -> None:
+    """Export the whole segmenter or detector (with NMS) and check it against PyTorch on sample inputs."""
+    from fna.export import export_model
+
+    report = export_model(model, fmt, out, dynamic, size, tolerance)
+    for c in report.checks:
+        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", highlight=False)
+    console.print(f"wrote {report.path} ({report.format}, {report.task}, "
+                  f"{'dynamic' if report.dynamic else 'fixed'} shape); max |Δ| vs PyTorch {report.worst:.2e}, "
+                  f"tolerance {report.tolerance:g}", highlight=False)
+    report.check()
+
+
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (fna adapt / fna train --out).")]) -> None:
     """(Re)write a run's report.md and self-contained report.html from the files its phases wrote."""
