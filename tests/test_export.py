@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,16 @@ def test_torchscript_trace_matches_pytorch_at_several_sizes(saved, task, tmp_pat
     assert out.is_file() and "torchscript" in result.output
 
 
+def test_export_beyond_a_tiny_tolerance_fails_after_printing_the_differences(saved, tmp_path):
+    out = tmp_path / "seg.onnx"
+    result = CliRunner().invoke(app, ["export", str(saved("seg")), "--out", str(out), "--size", "64", "64",
+                                      "--tolerance", "1e-9"])
+    assert isinstance(result.exception, FnaError) and out.is_file()
+    assert "1×3×64×64: logits max |Δ|" in result.output and "tolerance 1e-09" in result.output
+    assert re.search(r"seg.onnx: the onnx model differs from PyTorch on 1 of 1 sample inputs: max \|Δ\| \S+ > "
+                     r"tolerance 1e-09 \(the file is kept for inspection\)$", str(result.exception))
+
+
 def test_outputs_beyond_the_tolerance_fail_with_the_numbers():
     logits = np.random.default_rng(0).uniform(-1, 1, size=(1, 3, 8, 8)).astype(np.float32)
     close, far = compare_segmentation(logits, logits + 1e-5), compare_segmentation(logits, logits + 0.01)
@@ -151,6 +162,8 @@ def test_detections_match_by_label_and_score_and_missing_ones_fail():
     assert same.unmatched == 0 and same.diff == pytest.approx(0.05 / 100, rel=1e-4)
     dropped = compare_detections(ref, [a[:1] for a in ref], side=100, tolerance=1e-3)
     assert dropped.unmatched == 1 and not dropped.ok(1e-3) and "1 without a counterpart" in dropped.summary
+    with pytest.raises(FnaError, match="on 1 of 1 sample inputs: 1 detections without a counterpart"):
+        ExportReport(Path("m.onnx"), "onnx", "ssdlite", False, 1e-3, [dropped]).check()
     relabelled = compare_detections(ref, [ref[0], ref[1], np.array([1, 1])], side=100, tolerance=1e-3)
     assert relabelled.unmatched == 2
 

@@ -237,10 +237,10 @@ def export_cmd(
 
     report = export_model(model, fmt, out, dynamic, size, tolerance)
     for c in report.checks:
-        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", highlight=False)
+        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", highlight=False, soft_wrap=True)
     console.print(f"wrote {report.path} ({report.format}, {report.task}, "
                   f"{'dynamic' if report.dynamic else 'fixed'} shape); max |Δ| vs PyTorch {report.worst:.2e}, "
-                  f"tolerance {report.tolerance:g}", highlight=False)
+                  f"tolerance {report.tolerance:g}", highlight=False, soft_wrap=True)
     report.check()
 
 
