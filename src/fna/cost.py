@@ -175,6 +175,9 @@ class CostTable:
         """Read a table written by :meth:`save`, or a user latency table of the same shape."""
         try:
             d = json.loads(Path(path).read_text())
+            if d.get("complete") is False:
+                raise CostTableError(f"{path}: a partial latency table; finish it with `fna latency build ... "
+                                     "--resume`")
             return cls(unit=str(d["unit"]), fixed=float(d["fixed"]),
                        layers=[[[float(c) for c in layer] for layer in stage] for stage in d["layers"]],
                        candidates=[[[str(o) for o in layer] for layer in stage] for stage in d["candidates"]],
