@@ -341,7 +341,10 @@ class Search:
     def _cost_table(self) -> CostTable:
         cfg = self.cfg
         if cfg.latency_table:
-            return CostTable.load(cfg.latency_table)
+            table = CostTable.load(cfg.latency_table)
+            if table.key.get("task", cfg.task) != cfg.task:
+                raise SearchError(f"{cfg.latency_table} was measured for task {table.key['task']}, not {cfg.task}")
+            return table
         key = cost_table_key(cfg.task, self.seed.arch, self.space, cfg.cost_size, cfg.num_classes)
         cached = self.run_dir / "cost_table.json"
         if cached.is_file():
@@ -454,14 +457,19 @@ class Search:
         return float(task_loss.detach()), float(cost.detach())
 
     # -- run ----------------------------------------------------------------------------------
-    def run(self) -> SearchResult:
-        """Search until ``epochs``, checkpointing on the way; derive and write the architecture."""
+    def run(self, until_epoch: int | None = None) -> SearchResult | None:
+        """Search until ``epochs``, checkpointing on the way; derive and write the architecture.
+
+        With ``until_epoch``, stop (checkpointed) once that many epochs are done and return ``None``
+        unless that is the end: a Pareto search branches the architecture phase from there.
+        """
+        stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
         writer = self._writer()
         progress = self._progress()
         try:
-            while self.epoch < self.cfg.epochs:
+            while self.epoch < stop:
                 self._run_epoch(writer, progress)
-            result = self.finish()
+            result = self.finish() if self.epoch == self.cfg.epochs else None
         finally:
             if progress is not None:
                 progress.stop()

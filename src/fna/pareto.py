@@ -1,0 +1,196 @@
+"""A Pareto set from one search (issue 8): one shared warm-up, then one architecture phase per budget.
+
+The warm-up (uniform single paths, weights only) does not depend on the budget, so it runs once and
+its checkpoint is copied into one branch directory per budget; each branch resumes from there as an
+ordinary budgeted search (MAdds, or ms with a latency table) and derives its architecture. Every
+branch keeps its own checkpoint, so an interrupted Pareto search continues where it stopped.
+
+Each derived path is then scored with the super network's weights: the path becomes a standalone task
+model (the chosen candidates' weights, the shared stem/head weights), its BatchNorm statistics are
+recalibrated on a few training batches (searched candidates never kept running statistics), and the
+task metric (mIoU or COCO AP) is computed on held-out images. ``pareto.json`` and ``pareto.png`` hold
+cost vs metric per budget; each ``arch_<budget>.json`` can be fine-tuned with ``fna train --arch``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from fna.arch import SKIP, Arch
+from fna.cost import CostTable
+from fna.search import Search, SearchConfig, SearchError
+from fna.supernet import SinglePath
+from fna.tasks import build_model
+from fna.train import to_device
+
+
+@dataclass
+class ParetoPoint:
+    """One budget's derived architecture, its cost (table unit) and its super-network metric."""
+
+    label: str
+    budget: float
+    cost: float
+    unit: str
+    metric_name: str
+    metric: float
+    arch: Arch
+    arch_file: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "budget": self.budget, "cost": self.cost, "unit": self.unit,
+                "metric_name": self.metric_name, "metric": self.metric, "arch_file": self.arch_file.name,
+                "arch": self.arch.to_dict()}
+
+
+def resolve_budgets(specs: list[str], table: CostTable, seed_arch: Arch) -> list[tuple[str, float]]:
+    """``(label, budget)`` per spec, sorted by budget: a number in the table's unit, or ``0.75x`` for a
+    fraction of the seed network's own cost in the table."""
+    from fna.latency import arch_path
+
+    out = []
+    for spec in specs:
+        spec = spec.strip()
+        try:
+            if spec.endswith("x"):
+                out.append((spec, float(spec[:-1]) * table.path_cost(arch_path(table, seed_arch, seed_arch))))
+            else:
+                out.append((spec, float(spec)))
+        except ValueError:
+            raise SearchError(f"Pareto budget {spec!r}: expected a number in the cost unit or a fraction of the "
+                              "seed's cost such as 0.75x") from None
+    if len(out) < 2:
+        raise SearchError("a Pareto set needs at least two budgets")
+    return sorted(out, key=lambda x: x[1])
+
+
+def derived_model(search: Search, path: SinglePath) -> nn.Module:
+    """A standalone task model on ``path``'s architecture carrying the super network's weights.
+
+    The chosen candidates give their conv weights (skips dropped, layers in canonical order); the
+    stem, first block, final conv, neck and head are the super network's. The chosen candidates' BN has
+    no affine parameters in the super network, so theirs start at weight 1, bias 0, as it behaved.
+    """
+    cfg = search.cfg
+    model = build_model(cfg.task, search.backbone.path_arch(path), cfg.num_classes or search.spec.num_classes,
+                        **cfg.model_kwargs)
+    prefix = next(name for name, m in search.model.named_modules() if m is search.backbone)
+    layer_at = {}
+    for i, choices in enumerate(path, start=1):
+        kept = [(j, k) for j, k in enumerate(choices) if search.backbone.candidates[i - 1][j][k] != SKIP]
+        layer_at.update({(i, j, k): n for n, (j, k) in enumerate(kept)})
+    searched = re.compile(rf"^{re.escape(prefix)}\.stages\.(\d+)\.(\d+)\.ops\.(\d+)\.(.*)$")
+    state = {}
+    for key, value in search.model.state_dict().items():
+        m = searched.match(key)
+        if m:
+            i, j, k, rest = int(m[1]), int(m[2]), int(m[3]), m[4]
+            if (i, j, k) in layer_at:
+                state[f"{prefix}.stages.{i}.{layer_at[i, j, k]}.{rest}"] = value
+        elif not key.startswith(f"{prefix}.alpha."):
+            state[key] = value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(".bn." not in k for k in missing):
+        raise SearchError(f"derived model does not fit the super network's weights (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    return model.to(search.dist.device)
+
+
+def recalibrate_bn(model: nn.Module, search: Search, batches: int) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` training batches (no gradients)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches
+    loader = DataLoader(search.weight_set, batch_size=search.per_rank, shuffle=True, drop_last=True,
+                        collate_fn=search.collate_fn, generator=torch.Generator().manual_seed(search.cfg.random_seed))
+    model.train()
+    with torch.no_grad():
+        for n, batch in enumerate(loader):
+            if n == batches:
+                break
+            search.spec.loss(model, to_device(batch, search.dist.device))
+    for bn in norms:
+        bn.momentum = 0.1
+    model.eval()
+
+
+def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, collate_fn: Any, val_set: Dataset,
+                  run_dir: str | Path, class_names: tuple[str, ...] = (), resume: bool = False, seed: Any = None,
+                  calib_batches: int = 4) -> list[ParetoPoint]:
+    """Warm up once, branch the architecture phase per budget, score each derived net; write the set.
+
+    ``budgets``: see :func:`resolve_budgets`. Writes ``warmup/``, ``branches/<label>/`` (ordinary search
+    directories), ``pareto/arch_<label>.json``, ``pareto/pareto.json`` and ``pareto/pareto.png``.
+    """
+    from fna.pipeline import METRIC, EvalConfig, evaluate_model
+    from fna.seeds import load_seed
+
+    if config.arch_start_epoch < 1:
+        raise SearchError("a Pareto search branches after the warm-up: arch_start_epoch must be >= 1")
+    run_dir = Path(run_dir)
+    seed = seed or load_seed(config.seed, config.seed_weights)
+    shared = config.model_copy(update={"budget_madds": None, "budget_latency_ms": None})
+    warm_dir = run_dir / "warmup"
+    warm = Search(shared, dataset, collate_fn, warm_dir, resume and (warm_dir / "checkpoint.pt").is_file(), seed)
+    warm.run(until_epoch=config.arch_start_epoch)
+    resolved = resolve_budgets(budgets, warm.table, seed.arch)
+    field = "budget_latency_ms" if warm.table.unit == "ms" else "budget_madds"
+    out_dir = run_dir / "pareto"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = config.num_classes or warm.spec.num_classes
+    metric_name = METRIC[config.task]
+    points = []
+    for label, budget in resolved:
+        branch_dir = run_dir / "branches" / label
+        branch_dir.mkdir(parents=True, exist_ok=True)
+        if not (branch_dir / "checkpoint.pt").is_file():
+            shutil.copyfile(warm_dir / "checkpoint.pt", branch_dir / "checkpoint.pt")
+        branch = Search(config.model_copy(update={field: budget}), dataset, collate_fn, branch_dir, True, seed)
+        result = branch.run()
+        model = derived_model(branch, result.path)
+        recalibrate_bn(model, branch, calib_batches)
+        metrics = evaluate_model(config.task, model, val_set, EvalConfig(), branch.dist.device, num_classes,
+                                 class_names)
+        arch = replace(result.arch, name=f"fna_{config.task}_pareto_{label}")
+        arch_file = out_dir / f"arch_{label}.json"
+        point = ParetoPoint(label, budget, result.cost["table_cost"], warm.table.unit, metric_name,
+                            float(metrics[metric_name]), arch, arch_file)
+        arch_file.write_text(json.dumps({"arch": arch.to_dict(), "task": config.task, "budget": budget,
+                                         "cost": result.cost, metric_name: point.metric}, indent=2))
+        points.append(point)
+    (out_dir / "pareto.json").write_text(json.dumps({"task": config.task, "unit": warm.table.unit,
+                                                     "points": [p.to_dict() for p in points]}, indent=2))
+    plot_pareto(points, out_dir / "pareto.png")
+    return points
+
+
+def plot_pareto(points: list[ParetoPoint], path: Path) -> None:
+    """Cost vs super-network metric, one labelled point per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale, unit = (1e-9, "GMAdds") if points[0].unit == "madds" else (1.0, "ms")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs, ys = [p.cost * scale for p in points], [p.metric for p in points]
+    ax.plot(xs, ys, "o-")
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"cost ({unit})")
+    ax.set_ylabel(f"{points[0].metric_name} (super network, BN recalibrated)")
+    ax.set_title("Pareto set from one search")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
