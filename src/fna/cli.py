@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fna.errors import FnaError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from fna.search import SearchConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FNA: adapt an ImageNet backbone to detection or segmentation by parameter "
@@ -161,9 +167,14 @@ def adapt(task: TaskOpt, data: DataOpt, fmt: FormatOpt, out: Annotated[Path, typ
           config: ConfigOpt = None, overrides: OverridesArg = None, seed: SeedOpt = "mobilenet_v2",
           seed_weights: SeedWeightsOpt = None,
           budget_madds: Annotated[Optional[float], typer.Option(help="Hard MAdds budget at the data's size.")] = None,
+          budget_latency_ms: Annotated[Optional[float], typer.Option(help="Hard latency budget (needs "
+                                                                          "--latency-table).")] = None,
+          latency_table: Annotated[Optional[Path], typer.Option(help="Latency table from `fna latency build`: "
+                                                                     "the search's cost in ms.")] = None,
           skip_bad: SkipBadOpt = False, resume: ResumeOpt = False) -> None:
     """The whole FNA pipeline: search → derive → remap → fine-tune → evaluate, into one run directory."""
-    extra = [f"search.budget_madds={budget_madds}"] if budget_madds is not None else []
+    extra = [f"search.{k}={v}" for k, v in (("budget_madds", budget_madds), ("budget_latency_ms", budget_latency_ms),
+                                            ("latency_table", latency_table)) if v is not None]
     _run_pipeline(out, config, [*(overrides or []), *extra], resume, task=task, seed=seed, seed_weights=seed_weights,
                   data={"root": str(data), "format": fmt, "skip_bad": skip_bad})
 
@@ -270,6 +281,10 @@ def search_cmd(
                                                                "size (±5%).")] = None,
     budget_latency_ms: Annotated[Optional[float], typer.Option(help="Hard latency budget (needs --latency-table).")] = None,
     latency_table: Annotated[Optional[Path], typer.Option(help="Per-candidate latency table (JSON, ms).")] = None,
+    pareto: Annotated[Optional[str], typer.Option(help="Pareto set from one warm-up: comma-separated budgets in the "
+                                                       "cost unit (MAdds, or ms with --latency-table) or fractions "
+                                                       "of the seed's cost, e.g. 0.5x,0.75x,1x.")] = None,
+    val_split: Annotated[str, typer.Option(help="Held-out split that scores the Pareto set.")] = "val",
     skip_bad: SkipBadOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Architecture adaptation only: search the super network on --data and write the derived arch to --out."""
@@ -300,7 +315,92 @@ def search_cmd(
         raise FnaError(f"bad search config or override: {e}") from None
     cfg = SearchConfig.for_task(task, **OmegaConf.to_container(merged, resolve=True))
     console.print(f"[bold]search[/] {task}: {cfg.epochs} epochs on {len(dataset)} images → {out}", highlight=False)
+    if pareto:
+        _pareto(cfg, pareto.split(","), dataset, collate, data, fmt, val_split, skip_bad, out, resume)
+        return
     result = search(cfg, dataset, collate, out, resume=resume)
     console.print(result.arch.describe(), highlight=False)
     console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
                   f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", highlight=False)
+
+
+def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Callable, data: Path, fmt: str,
+            val_split: str, skip_bad: bool, out: Path, resume: bool) -> None:
+    """Run a Pareto search (see :mod:`fna.pareto`) and print its set."""
+    from fna.pareto import pareto_search
+    from fna.pipeline import eval_dataset
+
+    val = eval_dataset(cfg.task, data, fmt, val_split, skip_bad)
+    points = pareto_search(cfg, budgets, dataset, collate, val, out, tuple(dataset.class_names), resume)
+    table = Table(title=f"Pareto set · {cfg.task} · scored on {len(val)} {val_split} images")
+    for col in ("budget", "cost", points[0].metric_name, "architecture file"):
+        table.add_column(col)
+    scale, unit = (1e-9, " GMAdds") if points[0].unit == "madds" else (1.0, " ms")
+    for p in points:
+        table.add_row(p.label, f"{p.cost * scale:.4g}{unit}", f"{p.metric:.4f}", str(p.arch_file))
+    console.print(table)
+    console.print(f"wrote {out / 'pareto' / 'pareto.json'} and pareto.png; fine-tune one with "
+                  f"`fna train --arch {points[-1].arch_file} ...`", highlight=False)
+
+
+latency_app = typer.Typer(no_args_is_help=True, help="Per-device latency tables and predicted vs measured latency.")
+app.add_typer(latency_app, name="latency")
+
+
+@latency_app.command("build")
+def latency_build(
+    task: TaskOpt,
+    size: Annotated[tuple[int, int], typer.Option(help="Input H W the latency is for.")],
+    out: Annotated[Path, typer.Option(help="Table file (JSON); rerunning with it continues a partial one.")],
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    backend: Annotated[str, typer.Option(help="torch | onnxruntime")] = "torch",
+    threads: Annotated[int, typer.Option(help="CPU threads (torch intra-op / onnxruntime intra-op).")] = 1,
+    space: Annotated[Optional[str], typer.Option(help="Search space preset or JSON file (default: the "
+                                                      "task's).")] = None,
+    seed: SeedOpt = "mobilenet_v2",
+    classes: Annotated[Optional[int], typer.Option(help="Number of classes (default: the paper's).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per entry.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Timed calls per entry (median and IQR kept).")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue the partial table in --out (must exist).")] = False,
+) -> None:
+    """Measure every candidate op at every searchable position and the fixed parts into a latency table."""
+    from fna.latency import LatencySettings, build_table
+
+    space_spec = json.loads(Path(space).read_text()) if space and Path(space).is_file() else space
+    settings = LatencySettings(task, size, device, backend, threads, space_spec, seed, classes)
+    table = build_table(settings, out, warmup, repeats, resume,
+                        on_entry=lambda name, e: console.print(f"{name}: {e['median_ms']:.3f} ms "
+                                                               f"(IQR {e['iqr_ms']:.3f})", highlight=False))
+    lo, hi = table.cost_table().bounds()
+    console.print(f"wrote {out}: {len(table.entries)} entries; networks of this space take {lo:.2f}–{hi:.2f} ms "
+                  f"({backend}, {device}, {threads} thread(s), {size[0]}×{size[1]})", highlight=False)
+
+
+@latency_app.command("check")
+def latency_check(
+    model: Annotated[Optional[Path], typer.Argument(help="model.fna.pt, or a run directory holding one (its "
+                                                         "summary.json gets latency_ms).")] = None,
+    lut: Annotated[Path, typer.Option(help="Latency table from `fna latency build`.")] = Path("lut.json"),
+    arch: Annotated[Optional[str], typer.Option(help="Instead of a model: built-in name or arch file.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task of --arch (default: the table's).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Timed calls (median kept).")] = 50,
+) -> None:
+    """Predicted (table sum) vs measured end-to-end latency, with the table's size, device, backend, threads."""
+    from fna.arch import get_arch
+    from fna.artifact import load_model
+    from fna.latency import LatencyTable, check, write_to_summary
+
+    run_dir = model if model is not None and model.is_dir() else None
+    if model is not None:
+        net, info = load_model(run_dir / "model.fna.pt" if run_dir else model)
+        result = check(lut, info.arch, info.task, info.num_classes, net, warmup, repeats)
+    elif arch is not None:
+        result = check(lut, get_arch(arch), task or LatencyTable.load(lut).settings["task"], None, None, warmup,
+                       repeats)
+    else:
+        raise FnaError("give a model file or run directory, or --arch")
+    console.print(f"predicted {result.predicted_ms:.3f} ms, measured {result.measured_ms:.3f} ms "
+                  f"(IQR {result.iqr_ms:.3f}); error {result.error:+.1%}", highlight=False)
+    if run_dir is not None:
+        console.print(f"wrote latency to {write_to_summary(run_dir, result, lut)}", highlight=False)
