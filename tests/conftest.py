@@ -8,11 +8,22 @@ import torch
 from fna.arch import Arch, Stage
 from fna.seeds import SEEDS, SeedError, find_weights, load_seed
 
+pytest_plugins = ("data_fixtures",)  # on-disk fixture datasets in every supported layout
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run several times faster on one thread, above all on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ Plain functions, importable by the test files and by the ``torchrun`` worker scr
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -16,14 +15,6 @@ from fna.supernet import SearchSpace, StageSpace
 
 SIZE = 64
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run several times faster on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_seed_arch() -> Arch:

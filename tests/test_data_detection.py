@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from data_fixtures import coco_json, coco_root, voc_det_root, write_coco_json, write_voc_xml  # noqa: F401
+from data_fixtures import coco_json, write_coco_json, write_voc_xml
 from torchvision import tv_tensors
 
 from fna.data import CocoDetection, DataError, VOCDetection, open_detection

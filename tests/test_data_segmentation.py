@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_fixtures import (CITYSCAPES_IDS, CITYSCAPES_TRAIN, FOLDER_IDS, VOC_SEG_IDS, cityscapes_root,  # noqa: F401
-                           folder_root, voc_seg_root, write_label, write_rgb)
+from data_fixtures import CITYSCAPES_IDS, CITYSCAPES_TRAIN, FOLDER_IDS, VOC_SEG_IDS, write_label, write_rgb
 from PIL import Image
 from torchvision import tv_tensors
 

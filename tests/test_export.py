@@ -29,14 +29,7 @@ ARCH = Arch(stages=(Stage(8, 8, 1, ("k3_e1",)), Stage(8, 12, 2, ("k3_e6",)), Sta
                     Stage(16, 24, 2, ("k3_e6",)), Stage(24, 32, 2, ("k5_e6",))),
             stem_channels=8, final_channels=64, name="tiny")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run faster on one thread, above all on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_like(model: nn.Module, task: str) -> nn.Module:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from search_helpers import SegData, one_thread, seg_collate, tiny_seed, tiny_seed_arch, tiny_space
+from search_helpers import SegData, seg_collate, tiny_seed, tiny_seed_arch, tiny_space
 from typer.testing import CliRunner
 
 from fna.arch import save_arch
@@ -19,7 +19,7 @@ from fna.remap import remap_seed
 from fna.report import PLOTS, write_report
 from fna.search import SearchConfig, search
 
-__all__ = ["one_thread"]  # the autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 LEDGER = {"search": {"seconds": 123.456, "device": "cpu (2 threads)", "done": True},
           "remap": {"seconds": 0.812, "device": "cpu (2 threads)", "done": True},
           "finetune": {"seconds": 456.789, "device": "cpu (2 threads)", "done": True},

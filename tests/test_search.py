@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from search_helpers import one_thread, SegData, seg_collate, tiny_seed, tiny_space
+from search_helpers import SegData, seg_collate, tiny_seed, tiny_space
 
 from fna.arch import load_arch
 from fna.cost import CostTable
 from fna.search import Search, SearchConfig, SearchError, search
 
-__all__ = ["one_thread"]  # the autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 TESTS = Path(__file__).parent
 
 

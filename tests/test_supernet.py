@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from search_helpers import one_thread, SIZE, tiny_seed, tiny_space
+from search_helpers import SIZE, tiny_seed, tiny_space
 
 from fna.arch import BUILTIN_ARCHS, SKIP
 from fna.backbone import Backbone
@@ -12,7 +12,7 @@ from fna.cost import CostTable, CostTableError, best_path_within, model_cost, ta
 from fna.supernet import SearchSpace, SearchSpaceError, StageSpace, SuperBackbone
 from fna.tasks import get_task
 
-__all__ = ["one_thread"]  # the autouse fixture
+pytestmark = pytest.mark.usefixtures("one_thread")
 MBV2 = BUILTIN_ARCHS["mobilenet_v2"]
 
 

@@ -200,7 +200,7 @@ def candidate_cost_table(model: nn.Module, backbone: nn.Module, example: torch.T
     prefix = prefix + "." if prefix else ""
     labels = {}
     for i, layers in enumerate(backbone.candidates, start=1):
-        for j, names in enumerate(layers):
+        for j in range(len(layers)):
             for k in range(len(backbone.stages[i][j].ops)):
                 labels[f"{i}.{j}.{k}"] = f"{prefix}stages.{i}.{j}.ops.{k}"
     previous = backbone.path

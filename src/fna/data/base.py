@@ -10,6 +10,7 @@ on every item up front (what an evaluator should do, so no bad item is ever repl
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def require_file(path: Path, what: str) -> DataError | None:
     return None if path.is_file() else DataError(path, f"{what} not found")
 
 
-class ItemDataset(Dataset):
+class ItemDataset(Dataset, ABC):
     """A list of ``items`` loaded one at a time by :meth:`load`, with skip-or-raise on bad items.
 
     ``skip_bad=False``: the first bad item raises :class:`DataError`. ``skip_bad=True``: bad items are
@@ -100,9 +101,9 @@ class ItemDataset(Dataset):
         if not self.items:
             raise DataError(self.root, "no usable items" if candidates else "no items found")
 
+    @abstractmethod
     def load(self, item: Any) -> tuple[Any, Any]:
         """The untransformed sample of one item; raises :class:`DataError` on bad pixels."""
-        raise NotImplementedError
 
     def verify(self) -> ItemDataset:
         """Run the load-time checks on every item now, dropping (or raising on) the bad ones."""
