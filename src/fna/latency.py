@@ -11,7 +11,8 @@ A latency table measures, for one task at one input size on one device/backend/t
   the fixed cost.
 
 Every entry is the median of ``repeats`` timed calls after ``warmup`` calls, with its interquartile
-range. The file is a :class:`~fna.cost.CostTable` (unit ``ms``: ``fixed``, ``layers``, ``candidates``,
+range; entries are measured a few at a time with their calls interleaved, so load that changes during
+the build (a shared machine) shifts neighbouring entries alike. The file is a :class:`~fna.cost.CostTable` (unit ``ms``: ``fixed``, ``layers``, ``candidates``,
 ``key``) plus ``settings``, ``environment`` and the raw ``entries``. It is written atomically after every
 entry, so an interrupted build continues where it stopped; a partial table has ``complete: false``.
 
@@ -191,7 +192,6 @@ class Part:
     name: str
     build: Callable[[], nn.Module]
     shapes: list[tuple[int, ...]]
-    fixed: bool = False
 
 
 def table_parts(settings: LatencySettings) -> tuple[list[Part], list[list[list[str]]]]:
@@ -224,13 +224,13 @@ def table_parts(settings: LatencySettings) -> tuple[list[Part], list[list[list[s
 
     image = (1, 3, h, w)
     a = seed_arch
-    parts = [Part("overhead", _Overhead, [(1,)], fixed=True),
-             Part("stem", lambda: _seed_fixed(settings, "stem"), [image], fixed=True)]
+    parts = [Part("overhead", _Overhead, [(1,)]),
+             Part("stem", lambda: _seed_fixed(settings, "stem"), [image])]
     if backbone.final is not None:
-        parts.append(Part("final", lambda: _seed_fixed(settings, "final"), [inputs["final"]], fixed=True))
+        parts.append(Part("final", lambda: _seed_fixed(settings, "final"), [inputs["final"]]))
     out_channels = OrderedDict(backbone.out_channels)
     parts.append(Part("head", lambda: _HeadPart(settings.task, out_channels, settings.classes),
-                      [image, *tap_shapes], fixed=True))
+                      [image, *tap_shapes]))
     for i, layers in enumerate(backbone.candidates, start=1):
         for j, names in enumerate(layers):
             mixed = backbone.stages[i][j]
@@ -301,17 +301,30 @@ def _ort_session(module: nn.Module, inputs: list[torch.Tensor], settings: Latenc
     return ort.InferenceSession(buf.getvalue(), opts, providers=[provider])
 
 
-def time_runner(run: Callable[[], None], warmup: int, repeats: int) -> dict[str, float]:
-    """Median and interquartile range (ms) of ``repeats`` timed calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t) * 1e3)
-    q1, q3 = np.percentile(times, [25, 75])
-    return {"median_ms": statistics.median(times), "iqr_ms": float(q3 - q1), "repeats": repeats}
+def time_runners(runs: Sequence[Callable[[], None]], warmup: int, repeats: int,
+                 rounds: int = 5) -> list[dict[str, float]]:
+    """Median and interquartile range (ms) of ``repeats`` timed calls of each runner, after ``warmup``
+    untimed ones.
+
+    The calls are interleaved in ``rounds`` rounds over all runners, so a change of background load
+    during the measurement shifts every runner alike instead of a few of them.
+    """
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        calls = repeats * (r + 1) // rounds - repeats * r // rounds
+        for run, t_run in zip(runs, times):
+            for _ in range(calls):
+                t = time.perf_counter()
+                run()
+                t_run.append((time.perf_counter() - t) * 1e3)
+    out = []
+    for t_run in times:
+        q1, q3 = np.percentile(t_run, [25, 75])
+        out.append({"median_ms": statistics.median(t_run), "iqr_ms": float(q3 - q1), "repeats": repeats})
+    return out
 
 
 class _Threads:
@@ -390,8 +403,9 @@ class LatencyTable:
 
 def build_table(settings: LatencySettings, out: str | Path, warmup: int = 10, repeats: int = 50,
                 resume: bool = False, limit: int | None = None,
-                on_entry: Callable[[str, dict[str, Any]], None] | None = None) -> LatencyTable:
-    """Measure every entry of ``settings``' table into ``out``, saving after each one.
+                on_entry: Callable[[str, dict[str, Any]], None] | None = None, chunk: int = 8) -> LatencyTable:
+    """Measure every entry of ``settings``' table into ``out``, ``chunk`` entries at a time (interleaved,
+    see :func:`time_runners`), saving after each chunk.
 
     An existing ``out`` with the same settings and environment is continued (its entries are kept);
     other settings are a :class:`LatencyError`. ``resume`` insists that ``out`` exists. ``limit`` stops
@@ -412,20 +426,18 @@ def build_table(settings: LatencySettings, out: str | Path, warmup: int = 10, re
     else:
         table = LatencyTable(wanted, env)
     table.candidates, table.expected = candidates, [p.name for p in parts]
-    measured = 0
+    todo = [p for p in parts if p.name not in table.entries][:limit]
     with _Threads(settings.threads):
-        for part in parts:
-            if part.name in table.entries:
-                continue
-            if limit is not None and measured >= limit:
-                break
-            entry = time_runner(make_runner(part.build(), part.shapes, settings), warmup, repeats)
-            entry["input_shapes"] = [list(s) for s in part.shapes]
-            table.entries[part.name] = entry
+        for start in range(0, len(todo), chunk):
+            group = todo[start:start + chunk]
+            results = time_runners([make_runner(p.build(), p.shapes, settings) for p in group], warmup, repeats)
+            for part, entry in zip(group, results):
+                entry["input_shapes"] = [list(s) for s in part.shapes]
+                table.entries[part.name] = entry
             table.save(out)
-            measured += 1
             if on_entry is not None:
-                on_entry(part.name, entry)
+                for part in group:
+                    on_entry(part.name, table.entries[part.name])
     table.save(out)
     return table
 
@@ -474,7 +486,7 @@ def measure_arch(arch: Arch, settings: LatencySettings, warmup: int = 10, repeat
     h, w = settings.size
     model = model if model is not None else build_model(settings.task, arch, settings.classes)
     with _Threads(settings.threads):
-        return time_runner(make_runner(DenseModel(model), [(1, 3, h, w)], settings), warmup, repeats)
+        return time_runners([make_runner(DenseModel(model), [(1, 3, h, w)], settings)], warmup, repeats)[0]
 
 
 def load_cost_table(path: str | Path) -> tuple[CostTable, LatencySettings]:

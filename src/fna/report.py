@@ -480,6 +480,8 @@ def _metrics_section(run: RunFiles) -> list[Block]:
         rows.append(["params", f"{summary['params'] / 1e6:.3f} M"])
     if summary.get("latency_ms") is not None:
         rows.append(["latency", f"{summary['latency_ms']:.2f} ms"])
+    if summary.get("latency_predicted_ms") is not None:
+        rows.append(["latency predicted by the table", f"{summary['latency_predicted_ms']:.2f} ms"])
     if not rows:
         return ["No metrics yet (the run has not been evaluated)."]
     blocks: list[Block] = [Table(["quantity", "value"], rows)]
