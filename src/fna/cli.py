@@ -37,12 +37,14 @@ def main() -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory for the demo's outputs.")] = Path("runs/demo"),
+    scale: Annotated[float, typer.Option(help="Multiply images and steps (e.g. 10 on a GPU).")] = 1.0,
     seed_weights: Annotated[Optional[str], typer.Option(help="MobileNetV2 ImageNet weights file.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted demo in --out.")] = False,
 ) -> None:
-    """Run the built-in demo (what `make demo` runs)."""
+    """Run the built-in demo (what `make demo` runs): FNA and baselines on the demo dataset."""
     from fna.demo import run_demo
 
-    run_demo(out, seed_weights)
+    run_demo(out, seed_weights, scale, resume)
 
 
 @app.command()

@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.console import Console
+from rich.progress import Progress
 
 from fna import dist
 from fna.arch import Arch, get_arch, save_arch
@@ -232,8 +233,11 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
         model, provenance = _remapped_model(cfg, arch, run_dir, ledger, device, len(class_names), console)
         train_cfg = cfg.train_config()
         console.print(f"[bold]fine-tune[/] {train_cfg.iters} iterations, batch {train_cfg.batch_size}")
-        with ledger.phase("finetune", device):
-            fit(model, spec, train_set, collate, train_cfg, run_dir / "finetune", resume=resume)
+        with ledger.phase("finetune", device), Progress(console=console, transient=True,
+                                                         disable=not dist.is_main()) as bar:
+            bar_id = bar.add_task("fine-tune", total=train_cfg.iters)
+            fit(model, spec, train_set, collate, train_cfg, run_dir / "finetune", resume=resume,
+                progress=lambda it, loss: bar.update(bar_id, completed=it, description=f"fine-tune loss {loss:.3f}"))
             if dist.is_main():
                 save_model(model_path, model, cfg.task, arch, list(class_names), cfg.model_kwargs(), provenance,
                            cfg.model_dump(mode="json"))

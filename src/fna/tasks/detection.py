@@ -103,10 +103,11 @@ def _bn_instead_of_bias(head: SSDLiteHead) -> None:
     bias-free conv + BN. The paper's 808,218,304 MAdds / 4,322,988 params (MobileNetV2) count this form.
     """
     for branch in (head.classification_head, head.regression_head):
-        for i, seq in enumerate(branch.module_list):
+        for seq in branch.module_list:
             conv = seq[-1]
-            seq[-1] = nn.Sequential(nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False),
-                                    nn.BatchNorm2d(conv.out_channels, eps=1e-3))
+            new = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False)
+            nn.init.normal_(new.weight, std=0.03)  # torchvision's SSDLite head initialisation
+            seq[-1] = nn.Sequential(new, nn.BatchNorm2d(conv.out_channels, eps=1e-3))
 
 
 class SSDLite(SSD):
@@ -120,7 +121,6 @@ class SSDLite(SSD):
         head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes + 1,
                            nn.BatchNorm2d)
         _bn_instead_of_bias(head)
-        init_weights(head)
         super().__init__(features, anchors, (size, size), num_classes + 1, image_mean=IMAGENET_MEAN,
                          image_std=IMAGENET_STD, head=head, **kwargs)
         self.num_classes = num_classes
