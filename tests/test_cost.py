@@ -11,6 +11,9 @@ from fna.backbone import Backbone, Classifier
 from fna.cost import conv_madds, count, model_cost
 
 # (task, arch, paper MAdds, paper params): SPEC §6's exact integers for the paper's counted models.
+# SSDLite keeps torchvision's predictor convs (bias instead of BN, see fna.tasks.detection.SSDLite):
+# +206,040 MAdds and -2,550 params against the paper, the SPEC's measured torchvision figures.
+SSDLITE_HEAD_DELTA = (206_040, -2_550)
 PAPER_ROWS = [
     ("cls", "mobilenet_v2", 300_774_272, 3_504_872),
     ("seg", "mobilenet_v2", 24_521_711_616, 2_567_507),
@@ -31,7 +34,10 @@ def _fna_madds(*args: str) -> dict:
 @pytest.mark.parametrize("task,arch,madds,params", PAPER_ROWS, ids=[f"{t}-{a}" for t, a, *_ in PAPER_ROWS])
 def test_fna_madds_reproduces_the_paper_table(task, arch, madds, params):
     got = _fna_madds("--task", task, "--arch", arch)
-    # The issue asks for 0.5% (2% for SSDLite); our models are the paper's counted models, so exact.
+    # The issue asks for 0.5% (2% for SSDLite); our models are the paper's counted models, so exact,
+    # but for SSDLite's predictor convs, which differ by a known amount (0.03% / 0.06%).
+    if task == "ssdlite":
+        madds, params = madds + SSDLITE_HEAD_DELTA[0], params + SSDLITE_HEAD_DELTA[1]
     assert (got["madds"], got["params"]) == (madds, params)
 
 

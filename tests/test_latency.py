@@ -13,7 +13,7 @@ from search_helpers import SegData, seg_collate, tiny_seed, tiny_seed_arch, tiny
 
 from fna.arch import SKIP, get_arch, save_arch
 from fna.cost import CostTable, CostTableError
-from fna.latency import (LatencyError, LatencySettings, LatencyTable, build_table, check, entry_name, predict,
+from fna.latency import (LatencyError, LatencySettings, build_table, check, entry_name, predict,
                          write_to_summary)
 from fna.pareto import pareto_search
 from fna.search import Search, SearchConfig, SearchError, search

@@ -4,8 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from data_fixtures import write_label, write_rgb
 
 import fna
 from fna.data.demo import write_demo
@@ -13,6 +15,35 @@ from fna.errors import FnaError
 from fna.pipeline import load_config, run
 
 TINY = ["finetune.iters=3", "finetune.batch_size=2", "finetune.checkpoint_every=2"]
+TINY_SEARCH = ["search.epochs=2", "search.arch_start_epoch=1", "search.batch_size=2", "search.warmup_iters=0",
+               "search.progress=false", "search.space.name=tiny",
+               "search.space.stages=" + "[" + ",".join(["{max_depth: 2, kernels: [3, 5], expansions: [3, 6]}"] * 5)
+               + ",{max_depth: 1, kernels: [3, 5], expansions: [3, 6]}]"]
+
+
+def make_seg_layout(root, layout: str, n_train: int = 4, n_val: int = 2, size: int = 40):
+    """``n_train``/``n_val`` random images with random masks in a segmentation layout; returns (root, format)."""
+    rng = np.random.default_rng(0)
+    ids = {"cityscapes": [0, 7, 8, 26], "voc": [0, 15, 12, 255], "folder": [0, 1, 2, 255]}[layout]
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            mask = rng.choice(ids, size=(size, size))
+            if layout == "cityscapes":
+                stem = f"city_{split}_{i:06d}_000019"
+                write_rgb(root / "leftImg8bit" / split / "city" / f"{stem}_leftImg8bit.png", size, size, 10 * i)
+                write_label(root / "gtFine" / split / "city" / f"{stem}_gtFine_labelIds.png", mask)
+            elif layout == "voc":
+                stem = f"2007_{split}{i}"
+                write_rgb(root / "JPEGImages" / f"{stem}.jpg", size, size, 10 * i, fmt="JPEG")
+                write_label(root / "SegmentationClass" / f"{stem}.png", mask, palette=True)
+                with open(root / "ImageSets" / "Segmentation" / f"{split}.txt", "a") as f:
+                    f.write(stem + "\n")
+            else:
+                write_rgb(root / "images" / split / f"{i}.png", size, size, 10 * i)
+                write_label(root / "masks" / split / f"{i}.png", mask)
+    (root / "classes.txt").write_text("background\nsky\ntree\n")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +56,44 @@ def demo_root(tmp_path_factory):
 def _config(task, root, fmt, *overrides, **fields):
     size = {"seg": "size=[48,48]", "retinanet": "size=[64,96]", "ssdlite": "size=[64,64]"}[task]
     return load_config(None, [*TINY, size, *overrides], task=task, data={"root": str(root), "format": fmt}, **fields)
+
+
+@pytest.mark.parametrize("layout", ["cityscapes", "voc", "folder"])
+def test_adapt_runs_every_phase_on_each_segmentation_layout(layout, tmp_path, mbv2_seed):
+    root = make_seg_layout(tmp_path / "data", layout)
+    summary = run(_config("seg", root, layout, *TINY_SEARCH), tmp_path / "run")
+    assert set(summary["phases"]) == {"search", "remap", "finetune", "eval"}
+    assert all(p["done"] for p in summary["phases"].values())
+    arch = json.loads((tmp_path / "run" / "arch.json").read_text())
+    assert summary["arch"]["stages"] == arch["stages"] and len(arch["stages"]) == 7
+    assert (tmp_path / "run" / "search" / "alpha_history.json").exists()
+    assert 0 <= summary["metric"] <= 1
+
+
+@pytest.mark.parametrize("task", ["retinanet", "ssdlite"])
+def test_adapt_runs_every_phase_for_both_detectors(task, demo_root, tmp_path, mbv2_seed):
+    summary = run(_config(task, demo_root, "coco", *TINY_SEARCH), tmp_path / "run")
+    assert set(summary["phases"]) == {"search", "remap", "finetune", "eval"}
+    detections = json.loads((tmp_path / "run" / "detections.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} <= set(d) for d in detections)
+    assert 0 <= summary["metric"] <= 1
+
+
+def test_adapt_resumes_after_an_interrupted_finetune(demo_root, tmp_path, mbv2_seed):
+    cfg = _config("seg", demo_root, "folder", *TINY_SEARCH, "finetune.iters=4")
+    straight = run(cfg, tmp_path / "a")
+    run_dir = tmp_path / "b"
+    first = run(_config("seg", demo_root, "folder", *TINY_SEARCH, "finetune.iters=4"), run_dir)
+    # simulate a crash during fine-tuning: the finished model and later phases are gone
+    for name in ("model.fna.pt", "metrics.json", "summary.json"):
+        (run_dir / name).unlink()
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    ledger["finetune"]["done"] = False
+    ledger.pop("eval")
+    (run_dir / "ledger.json").write_text(json.dumps(ledger))
+    resumed = run(cfg, run_dir, resume=True)
+    assert resumed["arch"] == first["arch"] == straight["arch"]
+    assert resumed["metric"] == pytest.approx(straight["metric"])
 
 
 @pytest.mark.parametrize("task,fmt", [("seg", "folder"), ("retinanet", "coco"), ("ssdlite", "coco")])

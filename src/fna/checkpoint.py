@@ -30,6 +30,15 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by :func:`save_atomic`; a damaged file is a clear error."""
     try:

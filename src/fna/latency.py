@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
 import statistics
 import time
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from fna.arch import SKIP, Arch, get_arch, parse_op
+from fna.checkpoint import write_text_atomic
 from fna.backbone import Backbone
 from fna.cost import CostTable
 from fna.errors import FnaError
@@ -327,7 +327,7 @@ def time_runners(runs: Sequence[Callable[[], None]], warmup: int, repeats: int,
     return out
 
 
-class _Threads:
+class TorchThreads:
     """Run with ``n`` torch threads, restoring the previous number afterwards."""
 
     def __init__(self, n: int) -> None:
@@ -382,11 +382,7 @@ class LatencyTable:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file renamed over ``path``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
@@ -427,7 +423,7 @@ def build_table(settings: LatencySettings, out: str | Path, warmup: int = 10, re
         table = LatencyTable(wanted, env)
     table.candidates, table.expected = candidates, [p.name for p in parts]
     todo = [p for p in parts if p.name not in table.entries][:limit]
-    with _Threads(settings.threads):
+    with TorchThreads(settings.threads):
         for start in range(0, len(todo), chunk):
             group = todo[start:start + chunk]
             results = time_runners([make_runner(p.build(), p.shapes, settings) for p in group], warmup, repeats)
@@ -485,7 +481,7 @@ def measure_arch(arch: Arch, settings: LatencySettings, warmup: int = 10, repeat
     """End-to-end latency of the task model on ``arch`` (``dense_forward``) with ``settings``' backend."""
     h, w = settings.size
     model = model if model is not None else build_model(settings.task, arch, settings.classes)
-    with _Threads(settings.threads):
+    with TorchThreads(settings.threads):
         return time_runners([make_runner(DenseModel(model), [(1, 3, h, w)], settings)], warmup, repeats)[0]
 
 
@@ -536,7 +532,5 @@ def write_to_summary(run_dir: str | Path, result: Check, lut: str | Path) -> Pat
     summary.update(latency_ms=round(result.measured_ms, 4), latency_predicted_ms=round(result.predicted_ms, 4),
                    latency_setting={"table": str(lut), "size": list(settings.size), "device": settings.device,
                                     "backend": settings.backend, "threads": settings.threads})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(summary, indent=2))
     return path

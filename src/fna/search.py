@@ -47,7 +47,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from fna import dist as fdist
 from fna.arch import SKIP, Arch, save_arch
-from fna.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from fna.checkpoint import (load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state,
+                            write_text_atomic)
 from fna.cost import CostTable, best_path_within, cost_table_key, model_cost, task_cost_table
 from fna.data.split import split_by_image
 from fna.errors import FnaError
@@ -179,12 +180,6 @@ class SearchResult:
 def entropy(p: torch.Tensor) -> float:
     """Entropy (nats) of a probability vector."""
     return float(-(p * p.clamp_min(1e-12).log()).sum())
-
-
-def _atomic_write(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _lr_factor(cfg: SearchConfig, iters_per_epoch: int) -> Callable[[int], float]:
@@ -353,7 +348,7 @@ class Search:
                 return old
         table = task_cost_table(cfg.task, self.seed.arch, self.space, cfg.cost_size, cfg.num_classes)
         if self.dist.main:
-            _atomic_write(json.dumps(table.to_dict()), cached)
+            write_text_atomic(cached, json.dumps(table.to_dict()))
         return table
 
     def _check_budget(self) -> None:
@@ -537,7 +532,7 @@ class Search:
         if self.dist.main:
             with open(self.run_dir / "search_log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            _atomic_write(json.dumps(self.alpha_history), self.run_dir / "alpha_history.json")
+            write_text_atomic(self.run_dir / "alpha_history.json", json.dumps(self.alpha_history))
         self.epoch, self.step = self.epoch + 1, 0
         self.epoch_losses = {"weight": [], "arch": []}
         self._save_checkpoint()
@@ -612,12 +607,12 @@ class Search:
                 "table_cost": self.table.path_cost(path), "table_unit": self.table.unit, "budget": budget}
         result = SearchResult(arch, path, self.alphas(), cost, [x["lambda"] for x in self.lambdas], self.run_dir)
         if self.dist.main:
-            _atomic_write(json.dumps({"arch": arch.to_dict(), "task": self.cfg.task, "seed": self.seed.name,
-                                      "derive": how, "path": path, "cost": cost}, indent=2),
-                          self.run_dir / "arch.json")
+            write_text_atomic(self.run_dir / "arch.json",
+                              json.dumps({"arch": arch.to_dict(), "task": self.cfg.task, "seed": self.seed.name,
+                                          "derive": how, "path": path, "cost": cost}, indent=2))
             save_arch(arch, self.run_dir / "arch.net_config.txt")
-            _atomic_write(json.dumps(self.lambdas), self.run_dir / "lambda.json")
-            _atomic_write(json.dumps(self.cfg.model_dump(), indent=2), self.run_dir / "config.json")
+            write_text_atomic(self.run_dir / "lambda.json", json.dumps(self.lambdas))
+            write_text_atomic(self.run_dir / "config.json", json.dumps(self.cfg.model_dump(), indent=2))
         if self.cfg.debug_rank_files:
             debug = self.run_dir / "debug"
             debug.mkdir(parents=True, exist_ok=True)

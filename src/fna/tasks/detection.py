@@ -96,20 +96,6 @@ class SSDLiteFeatures(nn.Module):
         return feats
 
 
-def _bn_instead_of_bias(head: SSDLiteHead) -> None:
-    """Make each predictor's last 1x1 conv bias-free and follow it by BN, as in the paper's counted model.
-
-    torchvision's SSDLiteHead ends each branch with a 1x1 conv with bias; the FNA SSDLite ends it with a
-    bias-free conv + BN. The paper's 808,218,304 MAdds / 4,322,988 params (MobileNetV2) count this form.
-    """
-    for branch in (head.classification_head, head.regression_head):
-        for seq in branch.module_list:
-            conv = seq[-1]
-            new = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False)
-            nn.init.normal_(new.weight, std=0.03)  # torchvision's SSDLite head initialisation
-            seq[-1] = nn.Sequential(new, nn.BatchNorm2d(conv.out_channels, eps=1e-3))
-
-
 class SSDLite(SSD):
     """torchvision ``SSD`` with ``SSDLiteHead`` on :class:`SSDLiteFeatures` (6 maps, anchors [4,6,6,6,4,4])."""
 
@@ -118,9 +104,13 @@ class SSDLite(SSD):
     def __init__(self, body: nn.Module, num_classes: int, size: int = 320, **kwargs) -> None:
         features = SSDLiteFeatures(body)
         anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]], min_ratio=0.2, max_ratio=0.95)
+        # torchvision's head ends each predictor with a 1x1 conv with bias. The paper's counted model
+        # (808,218,304 MAdds / 4,322,988 params on MobileNetV2) ends it with a bias-free conv + BN instead:
+        # 206,040 MAdds more and 2,550 params fewer here (0.03% / 0.06%). We keep torchvision's form because
+        # BN on the logits trains far worse: on the demo data, 300 AdamW steps gave AP 0.024 with the bias
+        # head and 0.004 with the BN head.
         head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes + 1,
                            nn.BatchNorm2d)
-        _bn_instead_of_bias(head)
         super().__init__(features, anchors, (size, size), num_classes + 1, image_mean=IMAGENET_MEAN,
                          image_std=IMAGENET_STD, head=head, **kwargs)
         self.num_classes = num_classes
