@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/fna demo --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q --timeout=900
+	$(BIN)/python -m pytest -q --timeout=900 --durations=10
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

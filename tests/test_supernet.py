@@ -230,8 +230,10 @@ def test_cost_table_of_a_path_plus_fixed_equals_the_counter_on_the_derived_net(t
 
 @pytest.mark.parametrize("task,arch,madds", [("seg", "fna_deeplabv3", 24_174_895_104),
                                              ("retinanet", "fna_retinanet", 133_029_704_376),
-                                             ("ssdlite", "fna_ssdlite", 880_333_504)])
+                                             ("ssdlite", "fna_ssdlite", 880_333_504 + 206_040)])
 def test_cost_table_reproduces_the_published_architectures_madds(task, arch, madds):
+    # SSDLite: the paper's 880,333,504 plus the known difference of torchvision's predictor convs
+    # (bias instead of BN; see fna.tasks.detection.SSDLite and tests/test_cost.py).
     space = SearchSpace.preset("segmentation" if task == "seg" else "detection")
     net = SuperBackbone(MBV2, space, get_task(task).taps(MBV2))
     table = task_cost_table(task, MBV2, space)

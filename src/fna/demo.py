@@ -49,7 +49,7 @@ IMAGE_SIZE = 96
 # solution) and a 10x architecture learning rate (α must move within a dozen architecture steps).
 _SEARCH = {"epochs": 6, "arch_start_epoch": 3, "batch_size": 8, "arch_lr": 3e-3, "weight_steps_per_arch_step": 1,
            "warmup_iters": 5}
-_FINETUNE = {"iters": 500, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4}
+_FINETUNE = {"iters": 400, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4}
 TASKS = {
     "seg": {"format": "folder", "size": [IMAGE_SIZE, IMAGE_SIZE], "search": _SEARCH, "finetune": _FINETUNE},
     "ssdlite": {"format": "coco", "size": [IMAGE_SIZE, IMAGE_SIZE], "search": _SEARCH, "finetune": _FINETUNE},
