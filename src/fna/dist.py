@@ -18,6 +18,12 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def barrier() -> None:
+    """Wait for every process (no-op when single-process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -206,15 +206,19 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     resolved = OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump(mode="json")))
-    if config_path.exists() and not resume:
-        raise FnaError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and config_path.exists() and config_path.read_text() != resolved:
-        raise FnaError(f"{run_dir}: --resume with a different config than the run was started with "
-                       f"(see {config_path})")
+    device = dist.resolve_device(cfg.device)
+    dist.init_from_env(device)  # under torchrun: before any rank looks at the run directory
+    if not dist.is_main():
+        console = Console(quiet=True)
     if dist.is_main():
+        if config_path.exists() and not resume:
+            raise FnaError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        if resume and config_path.exists() and config_path.read_text() != resolved:
+            raise FnaError(f"{run_dir}: --resume with a different config than the run was started with "
+                           f"(see {config_path})")
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path.write_text(resolved)
-    device = dist.resolve_device(cfg.device)
+    dist.barrier()
     ledger = Ledger(run_dir / "ledger.json")
     spec = get_task(cfg.task)
     train_set, val_set, collate = open_datasets(cfg)
