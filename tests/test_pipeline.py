@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,13 @@ def test_truncated_or_foreign_model_files_are_clear_errors(demo_root, tmp_path, 
     torch.save(state, tmp_path / "future.pt")
     with pytest.raises(FnaError, match="model format v99"):
         fna.load(tmp_path / "future.pt")
+
+
+def test_train_under_torchrun_with_two_processes(demo_root, tmp_path, mbv2_seed):
+    out = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
+                          "fna", "train", "--task", "seg", "--data", str(demo_root), "--format", "folder", "--arch",
+                          "mobilenet_v2", "--out", str(tmp_path / "run"), "size=[48,48]", *TINY],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["phases"]["finetune"]["done"] and 0 <= summary["metric"] <= 1
