@@ -21,23 +21,11 @@ from pathlib import Path
 import torch
 
 from fna.arch import BUILTIN_ARCHS
+from fna.seeds import random_mobilenet_v2
 from fna.cost import CostTable
 from fna.latency import (DenseModel, LatencySettings, TorchThreads, build_table, make_runner, measure_arch, predict,
                          time_runners)
 from fna.tasks import build_model
-
-
-class _Seed:
-    """MobileNetV2 with random weights."""
-
-    name, arch = "mobilenet_v2", BUILTIN_ARCHS["mobilenet_v2"]
-
-    def __init__(self) -> None:
-        from fna.backbone import Backbone, Classifier
-        self.state_dict = Classifier(Backbone(self.arch)).state_dict()
-
-    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k[len("backbone."):]: v for k, v in self.state_dict.items() if k.startswith("backbone.")}
 
 
 def random_archs(table: CostTable, n: int, seed: int) -> list:
@@ -64,7 +52,7 @@ def budget_search(lut: Path, settings: LatencySettings, budget: float, work: Pat
                                 weight_steps_per_arch_step=1, batch_size=2, arch_lr=0.05, device="cpu",
                                 model_kwargs={"size": settings.size[0]}, latency_table=str(lut),
                                 budget_latency_ms=budget, progress=False, tensorboard=False)
-    result = search(cfg, dataset, det_collate, work / "search", seed=_Seed())
+    result = search(cfg, dataset, det_collate, work / "search", seed=random_mobilenet_v2())
     return result.cost["table_cost"], result.arch
 
 

@@ -20,23 +20,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fna.arch import BUILTIN_ARCHS
+from fna.seeds import random_mobilenet_v2
 from fna.search import SearchConfig, Search
 from fna.tasks import build_model, get_task
 from fna.train import to_device
-
-
-class _Seed:
-    """MobileNetV2 with random weights: speed and memory do not depend on the weights' values."""
-
-    name, arch = "mobilenet_v2", BUILTIN_ARCHS["mobilenet_v2"]
-
-    def __init__(self) -> None:
-        from fna.backbone import Backbone, Classifier
-        self.state_dict = Classifier(Backbone(self.arch)).state_dict()
-
-    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k[len("backbone."):]: v for k, v in self.state_dict.items() if k.startswith("backbone.")}
 
 
 def _batch(task: str, n: int, size: tuple[int, int], classes: int) -> tuple:
@@ -93,7 +80,7 @@ def main() -> None:
                                 progress=False, tensorboard=False, device=args.device)
     placeholder = [(torch.zeros(1), 0)] * 4  # Search needs a dataset to split; the steps below get `batch`
     with tempfile.TemporaryDirectory() as run_dir:
-        s = Search(cfg, placeholder, None, run_dir, seed=_Seed())
+        s = Search(cfg, placeholder, None, run_dir, seed=random_mobilenet_v2())
         batch = to_device(_batch(args.task, args.batch, size, classes), s.dist.device)
         path = s.backbone.sample_path(torch.Generator().manual_seed(0))
         spec = get_task(args.task)

@@ -254,6 +254,11 @@ def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weigh
     return Seed(name, arch, ours.state_dict(), weights_path, sha256, provenance)
 
 
+def random_mobilenet_v2() -> Seed:
+    """MobileNetV2 with torchvision's random initialisation, for benchmarks where weights do not matter."""
+    return seed_from_model("mobilenet_v2", _tv_mobilenet_v2(), SEEDS["mobilenet_v2"].arch)
+
+
 def _num_classes(model: nn.Module) -> int:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else 1000
