@@ -14,6 +14,8 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # nccl binds each rank to its own GPU
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -33,9 +35,9 @@ def world_size() -> int:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → this rank's CUDA device when there is one, else CPU."""
+    """``auto`` → this rank's CUDA device when there is one, else CPU; ``cuda`` → this rank's CUDA device."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # under torchrun every process gets the GPU of its LOCAL_RANK
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)

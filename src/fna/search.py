@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -202,8 +201,6 @@ class _Dist:
     """This process's place in a ``torchrun`` launch (or a single process)."""
 
     def __init__(self, device: str) -> None:
-        if device == "cuda":
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         self.device = fdist.resolve_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
