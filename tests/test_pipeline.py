@@ -80,23 +80,6 @@ def test_adapt_runs_every_phase_for_both_detectors(task, demo_root, tmp_path, mb
     assert 0 <= summary["metric"] <= 1
 
 
-def test_adapt_resumes_after_an_interrupted_finetune(demo_root, tmp_path, mbv2_seed):
-    cfg = _config("seg", demo_root, "folder", *TINY_SEARCH, "finetune.iters=4")
-    straight = run(cfg, tmp_path / "a")
-    run_dir = tmp_path / "b"
-    first = run(_config("seg", demo_root, "folder", *TINY_SEARCH, "finetune.iters=4"), run_dir)
-    # simulate a crash during fine-tuning: the finished model and later phases are gone
-    for name in ("model.fna.pt", "metrics.json", "summary.json"):
-        (run_dir / name).unlink()
-    ledger = json.loads((run_dir / "ledger.json").read_text())
-    ledger["finetune"]["done"] = False
-    ledger.pop("eval")
-    (run_dir / "ledger.json").write_text(json.dumps(ledger))
-    resumed = run(cfg, run_dir, resume=True)
-    assert resumed["arch"] == first["arch"] == straight["arch"]
-    assert resumed["metric"] == pytest.approx(straight["metric"])
-
-
 @pytest.mark.parametrize("task,fmt", [("seg", "folder"), ("retinanet", "coco"), ("ssdlite", "coco")])
 def test_train_writes_a_complete_run_directory(task, fmt, demo_root, tmp_path, mbv2_seed):
     summary = run(_config(task, demo_root, fmt, arch="mobilenet_v2"), tmp_path / "run")
@@ -125,15 +108,6 @@ def test_resume_skips_finished_phases(demo_root, tmp_path, mbv2_seed):
     first = run(cfg, tmp_path / "run")
     again = run(cfg, tmp_path / "run", resume=True)
     assert again["metric"] == first["metric"] and again["phases"] == first["phases"]
-
-
-def test_existing_run_needs_resume_and_the_same_config(demo_root, tmp_path, mbv2_seed):
-    run(_config("seg", demo_root, "folder", arch="mobilenet_v2"), tmp_path / "run")
-    with pytest.raises(FnaError, match="already holds a run"):
-        run(_config("seg", demo_root, "folder", arch="mobilenet_v2"), tmp_path / "run")
-    with pytest.raises(FnaError, match="different config"):
-        run(_config("seg", demo_root, "folder", "finetune.iters=5", arch="mobilenet_v2"), tmp_path / "run",
-            resume=True)
 
 
 def test_random_init_baseline_records_no_seed(demo_root, tmp_path):

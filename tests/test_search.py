@@ -100,9 +100,35 @@ def test_interrupted_and_resumed_search_derives_the_same_arch_and_alpha(tmp_path
     assert (tmp_path / "cut" / "search_log.jsonl").read_text() == full_log
 
 
-def test_resume_without_a_checkpoint_is_a_user_error(tmp_path):
-    with pytest.raises(SearchError, match="no checkpoint"):
-        search(_config(), SegData(8), seg_collate, tmp_path, resume=True, seed=tiny_seed())
+def test_resume_before_the_first_checkpoint_starts_the_search_over(tmp_path):
+    full = search(_config(), SegData(8), seg_collate, tmp_path / "full", seed=tiny_seed())
+    with pytest.raises(_Interrupt):  # stopped in the first epoch: nothing checkpointed yet
+        search(_config(), SegData(8), seg_collate, tmp_path / "cut", seed=tiny_seed(), on_step=_stop_at(1))
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    resumed = search(_config(), SegData(8), seg_collate, tmp_path / "cut", resume=True, seed=tiny_seed())
+    assert resumed.alphas == full.alphas
+    assert (tmp_path / "cut" / "search_log.jsonl").read_text() == (tmp_path / "full" / "search_log.jsonl").read_text()
+
+
+def test_a_directory_holding_a_search_is_refused_without_resume(tmp_path):
+    search(_config(), SegData(8), seg_collate, tmp_path, seed=tiny_seed())
+    arch = (tmp_path / "arch.json").read_text()
+    with pytest.raises(SearchError, match="already holds a search; pass --resume"):
+        search(_config(lam=0.5), SegData(8), seg_collate, tmp_path, seed=tiny_seed())
+    assert (tmp_path / "arch.json").read_text() == arch
+
+
+def test_resume_applies_a_new_learning_rate_at_the_same_point_of_the_schedule(tmp_path):
+    cfg = _config(epochs=3, lr_schedule="poly")
+    with pytest.raises(_Interrupt):
+        search(cfg, SegData(8), seg_collate, tmp_path, seed=tiny_seed(), on_step=_stop_at(3))
+    resumed = Search(_config(epochs=3, lr_schedule="poly", lr=0.001), SegData(8), seg_collate, tmp_path,
+                     resume=True, seed=tiny_seed())
+    straight = Search(cfg, SegData(8), seg_collate, tmp_path / "other", seed=tiny_seed())
+    factor = straight.sched_w.lr_lambdas[0](resumed.global_step)
+    assert resumed.opt_w.param_groups[0]["lr"] == pytest.approx(0.001 * factor)
+    resumed.run()
+    assert resumed.global_step == 6
 
 
 def test_budget_search_lands_within_five_percent_and_records_lambda(tmp_path):
@@ -130,11 +156,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
         if info["global_step"] == 2:  # end of epoch 0: its checkpoint is written
             data.poison = True
 
-    with pytest.raises(SearchError, match="nan.*last good checkpoint"):
+    with pytest.raises(SearchError, match="loss is nan; the last checkpoint .* holds finite weights"):
         search(_config(epochs=3), data, seg_collate, tmp_path, seed=tiny_seed(), on_step=poison)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["position"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_diverging_search_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(SearchError, match="stopped at epoch .*: the weight-step loss diverged"):
+        search(_config(epochs=12, lr=1e4, clip_grad=1.0), SegData(8), seg_collate, tmp_path,
+               seed=tiny_seed())
 
 
 def test_two_process_torchrun_derives_the_same_alpha_and_arch_on_both_ranks(tmp_path):

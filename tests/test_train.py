@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 
 from fna.errors import FnaError
 from fna.tasks import build_model, get_task
-from fna.train import ResumableSampler, TrainConfig, batches, fit, lr_factor, paper_recipe
+from fna.train import LossGuard, ResumableSampler, TrainConfig, batches, fit, lr_factor, paper_recipe
 
 
 class RandomSegmentation(Dataset):
@@ -105,7 +105,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_arch, t
     model = build_model("seg", tiny_arch, 2)
     fit(model, get_task("seg"), data, collate, _config(iters=2), tmp_path)
     data.images[:] = math.nan
-    with pytest.raises(FnaError, match="loss is nan at iteration 2.*checkpoint.pt"):
+    with pytest.raises(FnaError, match=r"stopped at iteration 2: the loss is nan; the last checkpoint .*checkpoint.pt \(iteration 2\)"):
         fit(model, get_task("seg"), data, collate, _config(iters=4), tmp_path, resume=True)
     assert (tmp_path / "checkpoint.pt").exists()
 
@@ -113,3 +113,38 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_arch, t
 def test_dataset_smaller_than_a_batch_is_a_clear_error(tiny_arch, tmp_path):
     with pytest.raises(FnaError, match="fewer than one batch"):
         fit(build_model("seg", tiny_arch, 2), get_task("seg"), RandomSegmentation(1), collate, _config(), tmp_path)
+
+
+def test_loss_guard_stops_on_non_finite_and_diverging_losses_only():
+    guard = LossGuard(factor=100, window=3)
+    assert [guard.problem(v) for v in (2.0, 50.0, 0.01, 300.0)] == [None] * 4  # mean 100 ≤ 100 × 2
+    assert "diverged" in guard.problem(600.0)  # mean of (0.01, 300, 600) > 200
+    assert LossGuard().problem(float("nan")) == "is nan"
+    resumed = LossGuard(factor=100, window=3)
+    resumed.load_state_dict(guard.state_dict())  # keeps the first loss; the window refills
+    assert resumed.first == 2.0 and [resumed.problem(600.0) for _ in range(2)] == [None, None]
+    assert "diverged" in resumed.problem(600.0)
+
+
+def test_finite_but_diverging_fine_tune_stops_with_a_clear_error(tiny_arch, tmp_path):
+    # lr 1e4 with clipping: the loss climbs by orders of magnitude and never turns NaN
+    with pytest.raises(FnaError, match="stopped at iteration .*: the loss diverged"):
+        fit(build_model("seg", tiny_arch, 2), get_task("seg"), RandomSegmentation(), collate,
+            _config(iters=30, lr=1e4, clip_grad=1.0, checkpoint_every=100), tmp_path)
+
+
+def test_resume_after_a_divergence_continues_with_a_lower_lr_from_a_finite_checkpoint(tiny_arch, tmp_path):
+    task, data = get_task("seg"), RandomSegmentation()
+    fit(build_model("seg", tiny_arch, 2), task, data, collate, _config(iters=4), tmp_path)
+    with pytest.raises(FnaError, match="stopped at iteration .* the last checkpoint .* holds finite weights"):
+        fit(build_model("seg", tiny_arch, 2), task, data, collate, _config(iters=40, lr=1e3), tmp_path, resume=True)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    guard = state["guard"]  # states whose loss had run away were never checkpointed
+    assert state["iter"] >= 4 and guard["recent"][-1] <= 100 * guard["first"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    resumed = build_model("seg", tiny_arch, 2)
+    out = fit(resumed, task, data, collate, _config(iters=state["iter"] + 4, lr=1e-3), tmp_path, resume=True)
+    assert math.isfinite(out["loss"]) and not any(not torch.isfinite(v).all() for v in resumed.state_dict().values()
+                                                  if v.is_floating_point())
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert after["iter"] == state["iter"] + 4 and after["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3

@@ -41,3 +41,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda":  # under torchrun every process gets the GPU of its LOCAL_RANK
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every process if ``flag`` is true on any (so all stop together)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

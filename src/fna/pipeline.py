@@ -1,10 +1,15 @@
 """The whole adaptation in one run directory: search → derive → remap → fine-tune → evaluate.
 
-``fna adapt`` runs every phase; ``fna train`` starts from a given architecture (no search). Each phase
-records its seconds and device in ``ledger.json`` and is skipped on ``--resume`` once done; the phase
-that was interrupted continues from its own checkpoint. Layout of a run directory::
+``fna adapt`` runs every phase; ``fna train`` starts from a given architecture (no search). Before the
+first phase every setting and every file of the train and val splits is checked, so a typo or a bad
+image stops the run before any work is done. Each phase records its seconds and device in
+``ledger.json`` (also while it runs) and is skipped on ``--resume`` once done; the phase that was
+interrupted continues from its own checkpoint, or starts over when it had none yet. A resumed run
+may change the settings of phases that have not started, how it runs (device, logging, checkpoint
+interval, ``--skip-bad``) and the learning rates of the phase it continues (see :func:`check_resume`).
+Layout of a run directory::
 
-    config.yaml            the resolved run config
+    config.yaml            the resolved run config (config_changes.jsonl: what resumes changed)
     search/                super-network checkpoint, α history, TensorBoard (adapt only)
     arch.json, arch.net_config.txt
     remap_report.md        what the seed gave the target, per layer
@@ -16,28 +21,33 @@ that was interrupted continues from its own checkpoint. Layout of a run director
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 from rich.console import Console
-from rich.progress import Progress
+from rich.markup import escape
 
 from fna import dist
 from fna.arch import Arch, get_arch, save_arch
 from fna.artifact import load_model, save_model
+from fna.checkpoint import seed_everything, write_text_atomic
 from fna.cost import model_cost
 from fna.data import (det_collate, det_eval_transforms, open_detection, open_segmentation,
                       retinanet_train_transforms, seg_collate, seg_eval_transforms, seg_train_transforms,
                       ssdlite_train_transforms)
 from fna.errors import FnaError
 from fna.evaluate import evaluate_detection, evaluate_segmentation
-from fna.remap import remap_seed
-from fna.seeds import load_seed
+from fna.progress import Progress
+from fna.remap import check_compatible, remap_seed
+from fna.seeds import Seed, load_seed
 from fna.tasks import get_task
 from fna.train import TrainConfig, fit, paper_recipe
 
@@ -58,10 +68,10 @@ class DataConfig(BaseModel):
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    window: tuple[int, int] | None = None  # sliding-window size for segmentation; None: whole image
-    stride_rate: float = 2 / 3
+    window: tuple[PositiveInt, PositiveInt] | None = None  # sliding-window size for segmentation; None: whole image
+    stride_rate: float = Field(2 / 3, gt=0, le=1)
     flip: bool = False
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1)
 
 
 class RunConfig(BaseModel):
@@ -75,13 +85,20 @@ class RunConfig(BaseModel):
     seed_weights: str | None = None
     arch: str | None = None  # a given architecture (built-in name or file): no search
     init: Literal["remap", "random"] = "remap"  # target weights: remapped from the seed, or fresh
-    size: tuple[int, int] | None = None
+    size: tuple[PositiveInt, PositiveInt] | None = None
     scale: tuple[float, float] = (0.75, 2.0)  # segmentation random scale range
     search: dict[str, Any] = {}  # overrides of fna.search.SearchConfig.for_task(task)
     finetune: dict[str, Any] = {}  # overrides of fna.train.paper_recipe(task, batch_size, iters)
     eval: EvalConfig = EvalConfig()
     device: str = "auto"
     random_seed: int = 0
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {list(v)}")
+        return v
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -94,11 +111,21 @@ class RunConfig(BaseModel):
 
     def train_config(self) -> TrainConfig:
         over = dict(self.finetune)
-        recipe = paper_recipe(self.task, over.pop("batch_size", 8), over.pop("iters", 1000))
         try:
+            sized = TrainConfig(**{k: over.pop(k) for k in ("iters", "batch_size") if k in over})
+            recipe = paper_recipe(self.task, sized.batch_size, sized.iters)
             return TrainConfig(**{**recipe.model_dump(), "device": self.device, "seed": self.random_seed, **over})
         except ValidationError as e:
             raise FnaError(f"finetune config: {_first_error(e)}") from None
+
+    def search_config(self, num_classes: int | None = None, cost_size: tuple[int, int] | None = None) -> Any:
+        """The :class:`~fna.search.SearchConfig` of this run (``search.*`` over the task's defaults)."""
+        from fna.search import SearchConfig
+
+        return SearchConfig.for_task(self.task, **{
+            "seed": self.seed, "seed_weights": self.seed_weights, "num_classes": num_classes,
+            "model_kwargs": self.model_kwargs(), "cost_size": cost_size, "device": self.device,
+            "random_seed": self.random_seed, **self.search})
 
 
 def _first_error(e: ValidationError) -> str:
@@ -126,8 +153,79 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise FnaError(f"run config: {_first_error(e)}") from None
 
 
+# -- which settings a resumed run may change ----------------------------------------------------------
+
+PHASES = ("search", "remap", "finetune", "eval")
+# The settings each phase's result depends on ("search.*": every search setting).
+PHASE_SETTINGS = {
+    "search": ("task", "data.root", "data.format", "data.train_split", "seed", "seed_weights", "arch", "size",
+               "scale", "search.*", "random_seed"),
+    "remap": ("task", "seed", "seed_weights", "arch", "init", "random_seed"),
+    "finetune": ("task", "data.root", "data.format", "data.train_split", "seed", "seed_weights", "arch", "init",
+                 "size", "scale", "finetune.*", "random_seed"),
+    "eval": ("task", "data.root", "data.format", "data.val_split", "eval.*"),
+}
+# How a run executes, not what it computes: may change at any resume.
+ANYTIME = ("device", "data.skip_bad", "search.device", "search.progress", "search.tensorboard", "search.num_workers",
+           "search.checkpoint_every", "finetune.device", "finetune.checkpoint_every", "finetune.log_every",
+           "finetune.num_workers", "eval.batch_size")
+# May change in the phase a resume continues: the learning rates (e.g. lower after a divergence).
+MID_PHASE = ("search.lr", "search.arch_lr", "search.divergence_factor", "finetune.lr", "finetune.divergence_factor")
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"data": {"root": r}}`` → ``{"data.root": r}`` (one level down; deeper values compare whole)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def check_resume(old: dict[str, Any], new: dict[str, Any], phases: dict[str, dict[str, Any]]) -> dict[str, tuple]:
+    """The settings that differ between ``old`` and ``new`` configs, if a resume may change them.
+
+    ``phases`` is the ledger (``{"search": {"done": bool, ...}}`` per phase that started). A change is
+    refused (:class:`FnaError` listing every refused setting and why) when a finished phase depends on
+    it, or a started one and it is not one of :data:`MID_PHASE`; :data:`ANYTIME` settings always pass.
+    """
+    a, b = _flat(old), _flat(new)
+    changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    refused = []
+    for key in changed:
+        if _matches(key, ANYTIME):
+            continue
+        for phase in PHASES:
+            if phase not in phases or not _matches(key, PHASE_SETTINGS[phase]):
+                continue
+            if phases[phase].get("done"):
+                refused.append(f"{key} ({phase} is done)")
+                break
+            if not _matches(key, MID_PHASE):
+                refused.append(f"{key} ({phase} has started; of its settings only "
+                               f"{', '.join(m for m in MID_PHASE if m.startswith(phase))} may change)".replace(
+                                   "only  may", "none may"))
+                break
+    if refused:
+        raise FnaError("--resume with changed settings the run's finished or started phases depend on: "
+                       + "; ".join(refused) + ". Settings of phases not started yet may change, and device, "
+                       "logging, checkpoint interval and --skip-bad at any time; for the rest start a new run "
+                       "with another --out")
+    return changed
+
+
+# -- the run directory ---------------------------------------------------------------------------------
+
 class Ledger:
-    """Seconds and device per phase, persisted in ``ledger.json`` (time before an interruption is kept)."""
+    """Seconds and device per phase in ``ledger.json``, written when a phase starts, at every
+    :meth:`Clock.tick` while it runs (each progress report) and when it ends, so a killed run keeps
+    the time it spent."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -136,17 +234,33 @@ class Ledger:
     def done(self, phase: str) -> bool:
         return self.phases.get(phase, {}).get("done", False)
 
+    def write(self) -> None:
+        if dist.is_main():
+            write_text_atomic(self.path, json.dumps(self.phases, indent=2))
+
     @contextlib.contextmanager
-    def phase(self, name: str, device: torch.device):
+    def phase(self, name: str, device: torch.device) -> Iterator[Clock]:
         entry = self.phases.setdefault(name, {"seconds": 0.0, "device": _device_name(device), "done": False})
-        t0 = time.perf_counter()
+        clock = Clock(self, entry)
+        self.write()
         try:
-            yield entry
+            yield clock
             entry["done"] = True
         finally:
-            entry["seconds"] = round(entry["seconds"] + time.perf_counter() - t0, 3)
-            if dist.is_main():
-                self.path.write_text(json.dumps(self.phases, indent=2))
+            clock.tick()
+
+
+class Clock:
+    """The running time of one ledger phase, added to what earlier (interrupted) runs of it spent."""
+
+    def __init__(self, ledger: Ledger, entry: dict[str, Any]) -> None:
+        self.ledger, self.entry = ledger, entry
+        self.base, self.t0 = entry["seconds"], time.perf_counter()
+
+    def tick(self) -> None:
+        """Record the time spent so far (a small atomic write)."""
+        self.entry["seconds"] = round(self.base + time.perf_counter() - self.t0, 3)
+        self.ledger.write()
 
 
 def _device_name(device: torch.device) -> str:
@@ -155,27 +269,68 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> None:
+    """Create ``run_dir`` or check that ``cfg`` may continue the run in it; write ``config.yaml``.
+
+    A directory whose run never started a phase is started over; one that did needs ``resume``.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FnaError(f"{run_dir}: --out names a file, not a directory")
+    config_path, ledger_path = run_dir / "config.yaml", run_dir / "ledger.json"
+    new = cfg.model_dump(mode="json")
+    phases = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    if config_path.is_file() and phases:
+        if not resume:
+            raise FnaError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        old = yaml_load(config_path)
+        changed = check_resume(old, new, phases)
+        if changed:
+            console.print("resuming with changed settings: " + "; ".join(f"{k}: {a!r} → {b!r}"
+                                                                         for k, (a, b) in changed.items()),
+                          markup=False, highlight=False)
+            with open(run_dir / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "done": [p for p in phases
+                                    if phases[p].get("done")], "changed": changed}) + "\n")
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not config_path.is_file():
+        raise FnaError(f"{run_dir} exists and is not a run directory (no config.yaml); choose a new or empty --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FnaError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
+    write_text_atomic(config_path, OmegaConf.to_yaml(OmegaConf.create(new)))
+
+
+def yaml_load(path: Path) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    except Exception as e:
+        raise FnaError(f"{path}: unreadable run config ({e})") from None
+
+
+# -- data ----------------------------------------------------------------------------------------------
+
 def eval_dataset(task: str, root: str | Path, fmt: str, split: str, skip_bad: bool = False) -> Any:
-    """A split with evaluation transforms, bad items dropped up front (so none is replaced mid-run)."""
+    """A split with evaluation transforms, every item checked up front (bad ones dropped with ``skip_bad``)."""
     if task == "seg":
         dataset = open_segmentation(root, fmt, split, seg_eval_transforms(), skip_bad)
     else:
         dataset = open_detection(root, fmt, split, det_eval_transforms(), skip_bad)
-    return dataset.verify() if skip_bad else dataset
+    return dataset.verify()
 
 
 def open_datasets(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """(train set with training transforms, val set with eval transforms, collate function)."""
+    """(train set with training transforms, val set with eval transforms, collate function), every item
+    of both checked (images decode, masks in the class range, annotations valid)."""
     d = cfg.data
     val = eval_dataset(cfg.task, d.root, d.format, d.val_split, d.skip_bad)
     if cfg.task == "seg":
         train = open_segmentation(d.root, d.format, d.train_split, seg_train_transforms(cfg.input_size, cfg.scale),
                                   d.skip_bad)
-        return train, val, seg_collate
+        return train.verify(), val, seg_collate
     h, w = cfg.input_size
     train_tf = retinanet_train_transforms(h, w) if cfg.task == "retinanet" else ssdlite_train_transforms(h)
     train = open_detection(d.root, d.format, d.train_split, train_tf, d.skip_bad)
-    return train, val, det_collate
+    return train.verify(), val, det_collate
 
 
 def data_input_size(cfg: RunConfig, val_set: Any) -> tuple[int, int]:
@@ -200,50 +355,78 @@ def evaluate_model(task: str, model: torch.nn.Module, val_set: Any, cfg: EvalCon
     return evaluate_detection(model, val_set, device, cfg.batch_size, results_path)
 
 
+@dataclass
+class Plan:
+    """A run's checked settings and data: everything the phases need, known before the first one starts."""
+
+    train_set: Any
+    val_set: Any
+    collate: Any
+    class_names: tuple[str, ...]
+    data_size: tuple[int, int]
+    train_cfg: TrainConfig
+    search_cfg: Any  # fna.search.SearchConfig, or None with a given architecture
+    arch: Arch | None  # the given architecture
+    seed: Seed | None  # loaded when the run remaps or searches
+
+
+def prepare(cfg: RunConfig, console: Console) -> Plan:
+    """Check every setting, the seed and every file of both splits; :class:`FnaError` on the first problem."""
+    train_cfg = cfg.train_config()
+    if cfg.arch is None:
+        cfg.search_config()  # the search settings alone, before the data is read
+    arch = get_arch(cfg.arch) if cfg.arch is not None else None
+    seed = load_seed(cfg.seed, cfg.seed_weights) if cfg.arch is None or cfg.init == "remap" else None
+    if seed is not None and arch is not None:
+        check_compatible(seed.arch, arch)
+    console.print(f"checking the {cfg.data.train_split} and {cfg.data.val_split} splits of "
+                  f"{escape(cfg.data.root)}", highlight=False)
+    train_set, val_set, collate = open_datasets(cfg)
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if getattr(ds, "skipped", None):
+            console.print(f"skipped {len(ds.skipped)} bad {name} item(s): "
+                          + "; ".join(f"{p}: {r}" for p, r in ds.skipped[:5]), markup=False, highlight=False)
+    class_names = tuple(train_set.class_names)
+    data_size = data_input_size(cfg, val_set)
+    search_cfg = cfg.search_config(len(class_names), data_size) if cfg.arch is None else None
+    return Plan(train_set, val_set, collate, class_names, data_size, train_cfg, search_cfg, arch, seed)
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Console | None = None) -> dict:
     """Run (or continue, with ``resume``) every phase into ``run_dir``; returns ``summary.json``'s content."""
     console = console or Console()
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    resolved = OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump(mode="json")))
     device = dist.resolve_device(cfg.device)
     dist.init_from_env(device)  # under torchrun: before any rank looks at the run directory
     if not dist.is_main():
         console = Console(quiet=True)
+    plan = prepare(cfg, console)  # nothing is written before every setting and file has been checked
     if dist.is_main():
-        if config_path.exists() and not resume:
-            raise FnaError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        if resume and config_path.exists() and config_path.read_text() != resolved:
-            raise FnaError(f"{run_dir}: --resume with a different config than the run was started with "
-                           f"(see {config_path})")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(resolved)
+        open_run_dir(cfg, run_dir, resume, console)
     dist.barrier()
     ledger = Ledger(run_dir / "ledger.json")
     spec = get_task(cfg.task)
-    train_set, val_set, collate = open_datasets(cfg)
-    class_names = tuple(train_set.class_names)
-    for name, ds in (("train", train_set), ("val", val_set)):
-        if getattr(ds, "skipped", None):
-            console.print(f"[yellow]skipped {len(ds.skipped)} bad {name} item(s)[/]: "
-                          + "; ".join(f"{p}: {r}" for p, r in ds.skipped[:5]))
-
-    data_size = data_input_size(cfg, val_set)
-    arch = _architecture(cfg, run_dir, ledger, device, train_set, collate, class_names, data_size, resume, console)
+    arch = _architecture(cfg, plan, run_dir, ledger, device, console)
     model_path = run_dir / "model.fna.pt"
     if ledger.done("finetune") and model_path.exists():
-        model, _ = load_model(model_path)
+        model, info = load_model(model_path)
+        arch = info.arch
     else:
-        model, provenance = _remapped_model(cfg, arch, run_dir, ledger, device, len(class_names), console)
-        train_cfg = cfg.train_config()
+        model, arch, provenance = _remapped_model(cfg, plan, arch, run_dir, ledger, device, console)
+        train_cfg = plan.train_cfg
         console.print(f"[bold]fine-tune[/] {train_cfg.iters} iterations, batch {train_cfg.batch_size}")
-        with ledger.phase("finetune", device), Progress(console=console, transient=True,
-                                                         disable=not dist.is_main()) as bar:
-            bar_id = bar.add_task("fine-tune", total=train_cfg.iters)
-            fit(model, spec, train_set, collate, train_cfg, run_dir / "finetune", resume=resume,
-                progress=lambda it, loss: bar.update(bar_id, completed=it, description=f"fine-tune loss {loss:.3f}"))
+        with ledger.phase("finetune", device) as clock, \
+                Progress("fine-tune", train_cfg.iters, console=console, enabled=dist.is_main()) as bar:
+            def progress(it: int, loss: float) -> None:
+                bar.update(it, loss=loss)
+                clock.tick()
+
+            fit(model, spec, plan.train_set, plan.collate, train_cfg, run_dir / "finetune", resume=resume,
+                progress=progress)
             if dist.is_main():
-                save_model(model_path, model, cfg.task, arch, list(class_names), cfg.model_kwargs(), provenance,
+                save_model(model_path, model, cfg.task, arch, list(plan.class_names), cfg.model_kwargs(), provenance,
                            cfg.model_dump(mode="json"))
 
     metrics_path = run_dir / "metrics.json"
@@ -251,42 +434,39 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
         metrics = json.loads(metrics_path.read_text())
     else:
         with ledger.phase("eval", device):
-            metrics = evaluate_model(cfg.task, model, val_set, cfg.eval, device, len(class_names), class_names,
-                                     run_dir / "detections.json")
+            metrics = evaluate_model(cfg.task, model, plan.val_set, cfg.eval, device, len(plan.class_names),
+                                     plan.class_names, run_dir / "detections.json")
         if dist.is_main():
-            metrics_path.write_text(json.dumps(metrics, indent=2))
-    summary = _summary(cfg, arch, metrics, ledger, data_size, len(class_names))
+            write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
+    summary = _summary(cfg, arch, metrics, ledger, plan.data_size, len(plan.class_names))
     if dist.is_main():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"[bold]{METRIC[cfg.task]}[/] {summary['metric']:.4f} · {summary['madds_data'] / 1e9:.3f} GMAdds at "
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    metric = "undefined" if summary["metric"] is None else f"{summary['metric']:.4f}"
+    console.print(f"[bold]{METRIC[cfg.task]}[/] {metric} · {summary['madds_data'] / 1e9:.3f} GMAdds at "
                   f"{summary['data_size'][0]}×{summary['data_size'][1]} · {summary['params'] / 1e6:.3f}M params · "
-                  f"run in {run_dir}")
+                  f"run in {escape(str(run_dir))}")
     if dist.is_main():
         from fna.report import write_report
 
-        console.print(f"[bold]report[/] {write_report(run_dir)[1]}", highlight=False)
+        console.print(f"[bold]report[/] {escape(str(write_report(run_dir)[1]))}", highlight=False)
     return summary
 
 
-def _architecture(cfg: RunConfig, run_dir: Path, ledger: Ledger, device: torch.device, train_set: Any,
-                  collate: Any, class_names: tuple[str, ...], data_size: tuple[int, int], resume: bool,
+def _architecture(cfg: RunConfig, plan: Plan, run_dir: Path, ledger: Ledger, device: torch.device,
                   console: Console) -> Arch:
     """The given architecture, or the one the search derives (``arch.json`` once done)."""
     arch_path = run_dir / "arch.json"
-    if cfg.arch is not None:
-        arch = get_arch(cfg.arch)
+    if plan.arch is not None:
+        arch = plan.arch
     elif ledger.done("search") and arch_path.exists():
         arch = get_arch(arch_path)
     else:
-        from fna.search import SearchConfig, search
+        from fna.search import search
 
-        search_cfg = SearchConfig.for_task(cfg.task, **{
-            "seed": cfg.seed, "seed_weights": cfg.seed_weights, "num_classes": len(class_names),
-            "model_kwargs": cfg.model_kwargs(), "cost_size": data_size,
-            "device": cfg.device, "random_seed": cfg.random_seed, **cfg.search})
-        console.print(f"[bold]search[/] {search_cfg.epochs} epochs on {len(train_set)} images")
-        with ledger.phase("search", device):
-            arch = search(search_cfg, train_set, collate, run_dir / "search", resume=resume).arch
+        console.print(f"[bold]search[/] {plan.search_cfg.epochs} epochs on {len(plan.train_set)} images")
+        with ledger.phase("search", device) as clock:
+            arch = search(plan.search_cfg, plan.train_set, plan.collate, run_dir / "search",
+                          resume=(run_dir / "search").exists(), seed=plan.seed, on_step=lambda _: clock.tick()).arch
     if dist.is_main():
         save_arch(arch, arch_path)
         save_arch(arch, run_dir / "arch.net_config.txt")
@@ -294,24 +474,24 @@ def _architecture(cfg: RunConfig, run_dir: Path, ledger: Ledger, device: torch.d
     return arch
 
 
-def _remapped_model(cfg: RunConfig, arch: Arch, run_dir: Path, ledger: Ledger, device: torch.device,
-                    num_classes: int, console: Console) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The task model on ``arch`` with the seed's weights remapped into its backbone (or fresh ones),
-    and the seed provenance to store with it."""
+def _remapped_model(cfg: RunConfig, plan: Plan, arch: Arch, run_dir: Path, ledger: Ledger, device: torch.device,
+                    console: Console) -> tuple[torch.nn.Module, Arch, dict[str, Any]]:
+    """The task model on ``arch`` with the seed's weights remapped into its backbone (or fresh ones), the
+    architecture as built (with the seed's activation and BN eps) and the seed provenance to store."""
     spec = get_task(cfg.task)
+    seed_everything(cfg.random_seed)  # fresh parts (head, uncovered entries) are the same on every run
     with ledger.phase("remap", device):
         if cfg.init == "random":
             backbone = spec.backbone(arch)
             note, provenance = "random initialisation (no remapping)", {"seed": None, "init": "random"}
         else:
-            seed = load_seed(cfg.seed, cfg.seed_weights)
-            provenance = {**seed.provenance, "init": "remap"}
-            backbone, report = remap_seed(seed, arch, spec.taps(arch), spec.output_stride)
+            provenance = {**plan.seed.provenance, "init": "remap"}
+            backbone, report = remap_seed(plan.seed, arch, spec.taps(arch), spec.output_stride)
             note = f"{report.fraction:.1%} of the backbone's parameters inherited from the seed"
             if dist.is_main():
-                (run_dir / "remap_report.md").write_text(report.to_markdown())
+                write_text_atomic(run_dir / "remap_report.md", report.to_markdown())
     console.print(f"[bold]remap[/] {note}")
-    return spec.head(backbone, num_classes, **cfg.model_kwargs()), provenance
+    return spec.head(backbone, len(plan.class_names), **cfg.model_kwargs()), backbone.arch, provenance
 
 
 def _summary(cfg: RunConfig, arch: Arch, metrics: dict, ledger: Ledger, data_size: tuple[int, int],

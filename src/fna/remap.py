@@ -235,6 +235,16 @@ def _stage_label(arch: Arch, i: int) -> str:
     return f"stage {i} ({s.c_in}->{s.c_out})"
 
 
+def check_compatible(seed: Arch, target: Arch) -> None:
+    """:class:`RemapError` unless ``target`` can be remapped from ``seed`` (stages pair by position)."""
+    if len(seed.stages) != len(target.stages):
+        i = min(len(seed.stages), len(target.stages))
+        where = (f"target {_stage_label(target, i)} has no counterpart in the seed" if len(target.stages) > i
+                 else f"seed {_stage_label(seed, i)} has no counterpart in the target")
+        raise RemapError(f"{target.name or 'target'} has {len(target.stages)} stages, seed {seed.name or 'seed'} "
+                         f"has {len(seed.stages)}: {where}; stages are paired by position")
+
+
 def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
     """Remap every tensor of ``target`` from ``seed`` (both :class:`Backbone`); modifies ``target``.
 
@@ -242,12 +252,7 @@ def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
     depths, kernels and expansions may all differ.
     """
     sa, ta = seed.arch, target.arch
-    if len(sa.stages) != len(ta.stages):
-        i = min(len(sa.stages), len(ta.stages))
-        where = (f"target {_stage_label(ta, i)} has no counterpart in the seed" if len(ta.stages) > i
-                 else f"seed {_stage_label(sa, i)} has no counterpart in the target")
-        raise RemapError(f"{ta.name or 'target'} has {len(ta.stages)} stages, seed {sa.name or 'seed'} has "
-                         f"{len(sa.stages)}: {where}; stages are paired by position")
+    check_compatible(sa, ta)
     report = RemapReport(seed=sa.name or "seed", target=ta.name or "target", layers=[])
     stem = LayerReport("conv3x3", "", remap_conv_bn(seed.stem, target.stem, "stem"), "stem", "stem")
     report.layers.append(stem)

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -53,11 +53,15 @@ from fna.data.split import split_by_image
 from fna.errors import FnaError
 from fna.supernet import SearchSpace, SinglePath, SuperBackbone
 from fna.tasks import get_task
-from fna.train import to_device
+from fna.progress import Progress
+from fna.train import DIVERGENCE_FACTOR, LossGuard, clip_grads, non_finite, set_base_lr, to_device
 
 
 class SearchError(FnaError):
     """A search cannot start or continue (bad config, impossible budget, non-finite loss)."""
+
+
+SEARCH_FILES = ("checkpoint.pt", "arch.json", "search_log.jsonl", "alpha_history.json")  # a search's outputs
 
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -83,46 +87,47 @@ class SearchConfig(BaseModel):
     seed: str = "mobilenet_v2"
     seed_weights: str | None = None
     space: str | dict[str, Any]
-    num_classes: int | None = None
-    cost_size: tuple[int, int] | None = None  # input size of the cost table; default: the paper's
+    num_classes: int | None = Field(None, ge=1)
+    cost_size: tuple[PositiveInt, PositiveInt] | None = None  # input size of the cost table; default: the paper's
     model_kwargs: dict[str, Any] = {}  # to the task model (e.g. min_size/max_size, size)
     # schedule
-    epochs: int
-    arch_start_epoch: int
-    weight_steps_per_arch_step: int
-    batch_size: int  # total over all processes
-    num_workers: int = 0
+    epochs: int = Field(ge=1)
+    arch_start_epoch: int = Field(ge=0)
+    weight_steps_per_arch_step: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # total over all processes
+    num_workers: int = Field(0, ge=0)
     # weights
     optimizer: Literal["sgd", "rmsprop"]
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float
-    rms_eps: float = 1.0
-    clip_grad: float | None = None
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.9, ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    rms_eps: float = Field(1.0, gt=0)
+    clip_grad: float | None = Field(None, gt=0)
     lr_schedule: Literal["multistep", "poly", "constant"]
-    lr_milestones: list[int] = []  # epochs
-    lr_gamma: float = 0.1
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    warmup_ratio: float = 1 / 3
+    lr_milestones: list[NonNegativeInt] = []  # epochs
+    lr_gamma: float = Field(0.1, gt=0)
+    poly_power: float = Field(0.9, gt=0)
+    warmup_iters: int = Field(0, ge=0)
+    warmup_ratio: float = Field(1 / 3, gt=0, le=1)
     # architecture
-    arch_lr: float = 3e-4
+    arch_lr: float = Field(3e-4, gt=0)
     arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
-    arch_clip_grad: float | None = 35.0
-    lam: float
+    arch_weight_decay: float = Field(1e-3, ge=0)
+    arch_clip_grad: float | None = Field(35.0, gt=0)
+    lam: float = Field(ge=0)  # a negative λ would reward expensive ops
     log_base: float = 10.0
     temperature: float
     # hard budget
-    budget_madds: float | None = None
-    budget_latency_ms: float | None = None
+    budget_madds: float | None = Field(None, gt=0)
+    budget_latency_ms: float | None = Field(None, gt=0)
     latency_table: str | None = None
     budget_tolerance: float = 0.05
-    lambda_gain: float = 0.1
+    lambda_gain: float = Field(0.1, ge=0)
     # reproducibility, output
     split_seed: int = 0
     random_seed: int = 0
-    checkpoint_every: int = 0  # weight steps; 0: at the end of every epoch only
+    checkpoint_every: int = Field(0, ge=0)  # weight steps; 0: at the end of every epoch only
+    divergence_factor: float | None = Field(DIVERGENCE_FACTOR, gt=1)  # see fna.train.LossGuard; None: off
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True
@@ -136,12 +141,12 @@ class SearchConfig(BaseModel):
             raise ValueError("budget_latency_ms needs a latency_table")
         if self.budget_madds is not None and self.latency_table:
             raise ValueError("budget_madds constrains MAdds; with a latency_table give budget_latency_ms")
-        if min(self.epochs, self.batch_size, self.weight_steps_per_arch_step) < 1:
-            raise ValueError("epochs, batch_size and weight_steps_per_arch_step must be >= 1")
         if not 0 <= self.arch_start_epoch <= self.epochs:
             raise ValueError("arch_start_epoch must lie in [0, epochs]")
         if self.log_base <= 1 or self.temperature <= 0 or not 0 < self.budget_tolerance < 1:
             raise ValueError("log_base must be > 1, temperature > 0, budget_tolerance in (0, 1)")
+        if not all(0 <= b < 1 for b in self.arch_betas):
+            raise ValueError(f"arch_betas must lie in [0, 1), got {list(self.arch_betas)}")
         return self
 
     @classmethod
@@ -258,6 +263,9 @@ class Search:
 
     ``seed`` is a loaded :class:`~fna.seeds.Seed` (default: ``load_seed(config.seed, config.seed_weights)``).
     ``on_step`` is called after every weight step with a small dict (epoch, step, global_step, losses).
+    ``resume`` continues from ``run_dir/checkpoint.pt`` (with the config's learning rates) or, when the
+    search was stopped before its first checkpoint, starts it over; without ``resume`` a ``run_dir``
+    that already holds a search is refused.
     """
 
     def __init__(self, config: SearchConfig, dataset: Dataset, collate_fn: Callable | None, run_dir: str | Path,
@@ -273,10 +281,12 @@ class Search:
         self.seed = seed
         self.space = SearchSpace.get(config.space)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
+        if not resume and any((self.run_dir / name).exists() for name in SEARCH_FILES):
+            raise SearchError(f"{self.run_dir} already holds a search; pass --resume to continue it or choose "
+                              "another --out")
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume and not self.ckpt_path.is_file():
-            raise SearchError(f"{self.ckpt_path}: no checkpoint to resume from")
+        resume = resume and self.ckpt_path.is_file()  # stopped before the first checkpoint: start over
 
         seed_everything(config.random_seed)
         self.path_gen = torch.Generator().manual_seed(config.random_seed + 1)
@@ -324,6 +334,7 @@ class Search:
         self.alpha_history: list[dict[str, Any]] = []
         self.log: list[dict[str, Any]] = []
         self.epoch_losses: dict[str, list] = {"weight": [], "arch": []}  # of the current epoch so far
+        self.guards = {"weight": LossGuard(config.divergence_factor), "arch": LossGuard(config.divergence_factor)}
         self._arch_iter: Iterator | None = None
         if resume:
             self._load_checkpoint()
@@ -397,12 +408,24 @@ class Search:
                 self.arch_epoch, self.arch_pos = self.arch_epoch + 1, 0
 
     # -- steps --------------------------------------------------------------------------------
-    def _finite_or_stop(self, loss: torch.Tensor, what: str) -> None:
-        if self.dist.any(not bool(torch.isfinite(loss))):
-            last = (f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file()
-                    else "no checkpoint was written yet")
-            raise SearchError(f"the {what} loss became {float(loss.detach())} at epoch {self.epoch} step {self.step}; "
-                              f"stopped ({last}; lower the learning rate or check the data, then --resume)")
+    def _check_loss(self, loss: torch.Tensor, kind: str) -> None:
+        """Stop every rank when the ``kind`` (weight / arch) loss is non-finite or diverging."""
+        problem = self.guards[kind].problem(float(loss.detach()))
+        if self.dist.any(problem is not None):
+            raise self._stop(f"the {'architecture' if kind == 'arch' else 'weight'}-step loss "
+                             f"{problem or 'is not finite on another process'}")
+
+    def _check_grads(self, params: list[nn.Parameter], clip: float | None, kind: str) -> None:
+        """Clip; stop before the update when the gradients are not finite (same on every rank: averaged)."""
+        norm = clip_grads(params, clip)
+        if not math.isfinite(norm):
+            raise self._stop(f"the {kind}-step gradient norm is {norm}")
+
+    def _stop(self, reason: str) -> SearchError:
+        last = (f"the last checkpoint {self.ckpt_path} holds finite weights: lower the learning rate "
+                "(search.lr / search.arch_lr) or check the data, then --resume" if self.ckpt_path.is_file()
+                else "no checkpoint was written yet: lower the learning rate or check the data and run again")
+        return SearchError(f"the search stopped at epoch {self.epoch} step {self.step}: {reason}; {last}")
 
     def weight_step(self, batch: Any) -> float:
         """One single-path weight step (path uniform during warm-up, else from softmax(α))."""
@@ -410,13 +433,12 @@ class Search:
         path = self.backbone.sample_path(self.path_gen, uniform=self.epoch < self.cfg.arch_start_epoch)
         self.backbone.set_path(path)
         loss = self.spec.loss(self.model, to_device(batch, self.dist.device))
-        self._finite_or_stop(loss, "weight-step")
+        self._check_loss(loss, "weight")
         self.opt_w.zero_grad(set_to_none=True)
         self.opt_a.zero_grad(set_to_none=True)
         loss.backward()
         self.dist.average_grads(self.weight_params)
-        if self.cfg.clip_grad:
-            nn.utils.clip_grad_norm_([p for p in self.weight_params if p.grad is not None], self.cfg.clip_grad)
+        self._check_grads(self.weight_params, self.cfg.clip_grad, "weight")
         self.opt_w.step()
         self.sched_w.step()
         return float(loss.detach())
@@ -431,7 +453,7 @@ class Search:
             task_loss = self.spec.loss(self.model, to_device(batch, self.dist.device))
             cost = self.expected_cost()
             loss = task_loss + self.lam * torch.log(cost) / math.log(self.cfg.log_base)
-            self._finite_or_stop(loss, "architecture-step")
+            self._check_loss(loss, "arch")
             self.opt_a.zero_grad(set_to_none=True)
             self.opt_w.zero_grad(set_to_none=True)
             loss.backward()
@@ -439,8 +461,7 @@ class Search:
             for p in self.weight_params:
                 p.requires_grad_(True)
         self.dist.average_grads(self.arch_params)
-        if self.cfg.arch_clip_grad:
-            nn.utils.clip_grad_norm_(self.arch_params, self.cfg.arch_clip_grad)
+        self._check_grads(self.arch_params, self.cfg.arch_clip_grad, "architecture")
         self.opt_a.step()
         if self.cfg.budget is not None:
             derived = self.table.path_cost(self.backbone.argmax_path())
@@ -457,14 +478,12 @@ class Search:
         """
         stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
         writer = self._writer()
-        progress = self._progress()
         try:
-            while self.epoch < stop:
-                self._run_epoch(writer, progress)
+            with self._progress() as progress:
+                while self.epoch < stop:
+                    self._run_epoch(writer, progress)
             result = self.finish() if self.epoch == self.cfg.epochs else None
         finally:
-            if progress is not None:
-                progress.stop()
             if writer is not None:
                 writer.close()
             self.dist.close()
@@ -476,17 +495,11 @@ class Search:
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def _progress(self) -> Any:
-        if not (self.cfg.progress and self.dist.main):
-            return None
-        from rich.progress import Progress
-        progress = Progress()
-        progress.start()
-        self._task_id = progress.add_task("search", total=self.cfg.epochs * self.iters_per_epoch,
-                                          completed=self.global_step)
-        return progress
+    def _progress(self) -> Progress:
+        return Progress("search", self.cfg.epochs * self.iters_per_epoch, self.global_step,
+                        enabled=self.cfg.progress and self.dist.main)
 
-    def _run_epoch(self, writer: Any, progress: Any) -> None:
+    def _run_epoch(self, writer: Any, progress: Progress) -> None:
         cfg = self.cfg
         searching = self.epoch >= cfg.arch_start_epoch
         w_losses, a_losses = self.epoch_losses["weight"], self.epoch_losses["arch"]
@@ -503,9 +516,7 @@ class Search:
                 if arch_now:
                     writer.add_scalar("loss/arch_step_task", a_losses[-1][0], self.global_step)
                     writer.add_scalar("lambda", self.lam, self.global_step)
-            if progress is not None:
-                progress.update(self._task_id, advance=1,
-                                description=f"epoch {self.epoch + 1}/{cfg.epochs} loss {w_losses[-1]:.3f}")
+            progress.update(self.global_step, epoch=self.epoch + 1, loss=w_losses[-1])
             if self.step == self.iters_per_epoch:
                 self._end_epoch(w_losses, a_losses, writer)
             elif cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
@@ -526,13 +537,12 @@ class Search:
             writer.add_scalar("alpha/mean_entropy", float(np.mean(sum(record["entropy"], []))), self.epoch)
             writer.add_scalar("alpha/skip_share", record["skip_share"], self.epoch)
             writer.add_scalar("alpha/skip_prob", record["skip_prob"], self.epoch)
-        if self.dist.main:
-            with open(self.run_dir / "search_log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            write_text_atomic(self.run_dir / "alpha_history.json", json.dumps(self.alpha_history))
         self.epoch, self.step = self.epoch + 1, 0
         self.epoch_losses = {"weight": [], "arch": []}
         self._save_checkpoint()
+        if self.dist.main:  # rewritten from the checkpointed state: a resumed run never repeats a line
+            write_text_atomic(self.run_dir / "search_log.jsonl", "".join(json.dumps(r) + "\n" for r in self.log))
+            write_text_atomic(self.run_dir / "alpha_history.json", json.dumps(self.alpha_history))
 
     def summary(self) -> dict[str, Any]:
         """The current derived arch, α entropy per layer, share of skip and expected cost."""
@@ -558,6 +568,11 @@ class Search:
 
     # -- checkpoint ---------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
+        bad = non_finite(self.model)
+        if bad:
+            raise self._stop(f"the weights became non-finite ({', '.join(bad[:3])})")
+        if self.epoch < self.cfg.epochs and not all(g.healthy() for g in self.guards.values()):
+            return  # a loss that has run away: keep the last good checkpoint
         if not self.dist.main:
             return
         state = {
@@ -567,7 +582,7 @@ class Search:
                          "arch_epoch": self.arch_epoch, "arch_pos": self.arch_pos},
             "split": {"weights": self.weight_idx, "arch": self.arch_idx},
             "lam": self.lam, "lambdas": self.lambdas, "alpha_history": self.alpha_history, "log": self.log,
-            "epoch_losses": self.epoch_losses,
+            "epoch_losses": self.epoch_losses, "guards": {k: g.state_dict() for k, g in self.guards.items()},
             "rng": rng_state(), "path_rng": self.path_gen.get_state(),
         }
         save_atomic(state, self.ckpt_path)
@@ -580,12 +595,17 @@ class Search:
         self.opt_w.load_state_dict(state["opt_w"])
         self.opt_a.load_state_dict(state["opt_a"])
         self.sched_w.load_state_dict(state["sched_w"])
+        set_base_lr(self.opt_w, self.sched_w, self.cfg.lr)  # a lower lr after a divergence
+        for group in self.opt_a.param_groups:
+            group["lr"] = self.cfg.arch_lr
         pos = state["position"]
         self.epoch, self.step, self.global_step = pos["epoch"], pos["step"], pos["global_step"]
         self.arch_epoch, self.arch_pos = pos["arch_epoch"], pos["arch_pos"]
         self.lam, self.lambdas = state["lam"], state["lambdas"]
         self.alpha_history, self.log = state["alpha_history"], state["log"]
         self.epoch_losses = state["epoch_losses"]
+        for kind, guard_state in state.get("guards", {}).items():
+            self.guards[kind].load_state_dict(guard_state)
         set_rng_state(state["rng"])
         self.path_gen.set_state(state["path_rng"])
 

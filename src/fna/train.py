@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
@@ -24,32 +24,42 @@ from fna.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everyth
 from fna.errors import FnaError
 from fna.tasks import TaskSpec
 
+DIVERGENCE_FACTOR = 100.0
+
 
 class TrainConfig(BaseModel):
     """Fine-tuning recipe. :func:`paper_recipe` gives SPEC §5's numbers per task."""
 
     model_config = ConfigDict(extra="forbid")
 
-    iters: int = 1000
-    batch_size: int = 8  # per process
+    iters: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)  # per process
     optimizer: Literal["sgd", "rmsprop", "adamw"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    rmsprop_eps: float = 1.0
-    warmup_iters: int = 0
-    warmup_factor: float = 1e-3
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, le=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    rmsprop_eps: float = Field(1.0, gt=0)
+    warmup_iters: int = Field(0, ge=0)
+    warmup_factor: float = Field(1e-3, ge=0, le=1)
     schedule: Literal["poly", "step", "cosine", "constant"] = "poly"
-    poly_power: float = 0.9
+    poly_power: float = Field(0.9, gt=0)
     milestones: list[float] = []  # fractions of ``iters`` where a step schedule multiplies lr by 0.1
-    clip_grad: float | None = None
+    clip_grad: float | None = Field(None, gt=0)
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
-    checkpoint_every: int = 500
-    log_every: int = 10
-    num_workers: int = 0
+    checkpoint_every: int = Field(500, ge=0)  # iterations; 0: only at the end
+    log_every: int = Field(10, ge=1)
+    num_workers: int = Field(0, ge=0)
     seed: int = 0
     device: str = "auto"
+    divergence_factor: float | None = Field(DIVERGENCE_FACTOR, gt=1)  # see LossGuard; None: off
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m <= 1 for m in v):
+            raise ValueError(f"milestones are fractions of iters in (0, 1], got {v}")
+        return v
 
 
 def paper_recipe(task: str, batch_size: int, iters: int) -> TrainConfig:
@@ -146,12 +156,81 @@ def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
                                weight_decay=cfg.weight_decay)
 
 
+def set_base_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                lr: float) -> None:
+    """Make ``lr`` the base learning rate of a resumed run (e.g. a lower one after a divergence).
+
+    The current rate is scaled by ``lr / old base``, so the schedule's position is kept.
+    """
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] *= lr / base
+        group["initial_lr"] = lr
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+class LossGuard:
+    """Stops a run whose loss is not finite, or has *diverged*: the mean of the last ``window`` losses
+    exceeds ``factor`` times the run's first loss (the untrained model's, which training only lowers).
+
+    :meth:`problem` returns why the run must stop, or ``None``. The first loss travels with
+    checkpoints, so a resumed run keeps its starting level; the window refills after a resume (which
+    may follow a divergence, with a lower learning rate).
+    """
+
+    def __init__(self, factor: float | None = DIVERGENCE_FACTOR, window: int = 10) -> None:
+        self.factor, self.window = factor, window
+        self.first: float | None = None
+        self.recent: list[float] = []
+
+    def problem(self, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"is {loss}"
+        if self.first is None:
+            self.first = loss
+        self.recent = (self.recent + [loss])[-self.window:]
+        mean = sum(self.recent) / len(self.recent)
+        if self.factor and len(self.recent) == self.window and mean > self.factor * max(self.first, 1e-12):
+            return (f"diverged: the mean of the last {self.window} losses is {mean:.4g}, over {self.factor:g}x "
+                    f"the first loss {self.first:.4g}")
+        return None
+
+    def healthy(self) -> bool:
+        """Whether the latest loss is within ``factor`` times the first: a state worth checkpointing."""
+        return not (self.factor and self.recent and self.recent[-1] > self.factor * max(self.first or 0, 1e-12))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first, self.recent = state["first"], []
+
+
+def clip_grads(params: list[nn.Parameter], max_norm: float | None) -> float:
+    """Clip the gradients of ``params`` to a total norm of ``max_norm`` (if given); the norm before clipping."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    if max_norm:
+        return float(nn.utils.clip_grad_norm_(with_grad, max_norm))
+    return float(nn.utils.get_total_norm([p.grad for p in with_grad]))
+
+
+def non_finite(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers holding NaN or inf."""
+    return [k for k, v in module.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def fit(model: nn.Module, task: TaskSpec, dataset: Dataset, collate: Callable, cfg: TrainConfig,
         run_dir: str | Path, resume: bool = False, progress: Callable[[int, float], None] | None = None) -> dict:
     """Fine-tune ``model`` on ``dataset`` for ``cfg.iters`` steps; checkpoints go to ``run_dir/checkpoint.pt``.
 
-    Returns ``{"iters", "loss", "seconds", "device"}``. A NaN/inf loss stops with :class:`FnaError`,
-    leaving the last good checkpoint in place.
+    ``resume`` continues from the checkpoint when there is one (exactly: weights, optimiser, schedule,
+    RNG and data order), with ``cfg.lr`` as the base learning rate; without a checkpoint it starts over.
+    A non-finite or diverging loss (see :class:`LossGuard`) or non-finite gradients stop the run with
+    :class:`FnaError`. Checkpoints are only written from finite weights whose latest loss is in the
+    guard's range (except the final one), so the last checkpoint is a state worth resuming from.
+    Returns ``{"iters", "loss", "seconds", "device"}``.
     """
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -165,25 +244,41 @@ def fit(model: nn.Module, task: TaskSpec, dataset: Dataset, collate: Callable, c
     if world > 1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    guard = LossGuard(cfg.divergence_factor)
     start, elapsed = 0, 0.0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        set_base_lr(optimizer, scheduler, cfg.lr)
+        if "guard" in state:
+            guard.load_state_dict(state["guard"])
         start, elapsed = state["iter"], state["seconds"]
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+
+    def stop(reason: str, it: int) -> FnaError:
+        last = (f"the last checkpoint {ckpt_path} (iteration {load_checkpoint(ckpt_path)['iter']}) holds finite "
+                "weights: lower finetune.lr and --resume" if ckpt_path.exists()
+                else "no checkpoint was written yet: lower finetune.lr and run again")
+        return FnaError(f"fine-tuning stopped at iteration {it}: {reason}; {last}")
 
     def checkpoint(it: int) -> None:
         rngs = [rng_state()]
         if world > 1:
             rngs = [None] * world
             torch.distributed.all_gather_object(rngs, rng_state())
+        bad = non_finite(model)
+        if bad:
+            raise stop(f"the weights became non-finite ({', '.join(bad[:3])})", it)
+        if it < cfg.iters and not guard.healthy():  # keep the last good checkpoint instead
+            return
         if dist.is_main():
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "iter": it, "rng": rngs,
+                         "scheduler": scheduler.state_dict(), "iter": it, "rng": rngs, "guard": guard.state_dict(),
                          "seconds": elapsed + time.perf_counter() - t0, "config": cfg.model_dump()}, ckpt_path)
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if dist.is_main() else None
@@ -194,23 +289,23 @@ def fit(model: nn.Module, task: TaskSpec, dataset: Dataset, collate: Callable, c
         batch = to_device(next(data), device, cuda and cfg.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
             loss = task.loss(net, batch)
-        if not torch.isfinite(loss):
-            raise FnaError(f"loss is {loss.item()} at iteration {it}; stopping. "
-                           + (f"The last good checkpoint is {ckpt_path}." if ckpt_path.exists() else
-                              "No checkpoint was written yet; lower the learning rate."))
+        loss_value = float(loss.detach())
+        problem = guard.problem(loss_value)
+        if dist.any_true(problem is not None, device):
+            raise stop(f"the loss {problem or 'is not finite on another process'}", it)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        grad_norm = clip_grads(params, cfg.clip_grad)
+        if not math.isfinite(grad_norm):
+            raise stop(f"the gradient norm is {grad_norm}", it)
         optimizer.step()
         scheduler.step()
-        loss_value = loss.item()
         if writer is not None and it % cfg.log_every == 0:
             writer.add_scalar("finetune/loss", loss_value, it)
             writer.add_scalar("finetune/lr", optimizer.param_groups[0]["lr"], it)
         if progress is not None and (it % cfg.log_every == 0 or it + 1 == cfg.iters):
             progress(it + 1, loss_value)
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters:
+        if (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0) or it + 1 == cfg.iters:
             checkpoint(it + 1)
     if writer is not None:
         writer.close()
