@@ -3,10 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import TensorDataset
+from data_fixtures import write_rgb
 
 from fna.data.demo import write_demo
 from fna.data.detection import open_detection
@@ -77,17 +76,67 @@ def test_ground_truth_detections_score_ap_1(demo_val):
     assert result["AP"] == pytest.approx(1.0) and result["AP50"] == pytest.approx(1.0)
 
 
-def test_our_map_equals_pycocotools_on_the_same_detections(demo_val, tmp_path):
-    ours = evaluate_detection(GroundTruthDetector(demo_val, jitter=3.0), demo_val, results_path=tmp_path / "dt.json")
-    gt = COCO(str(demo_val.ann_file))
-    ev = COCOeval(gt, gt.loadRes(json.loads((tmp_path / "dt.json").read_text())), "bbox")
-    ev.evaluate(), ev.accumulate(), ev.summarize()
-    assert 0.05 < ours["AP"] < 0.95
-    assert ours["AP"] == pytest.approx(ev.stats[0]) and ours["AP75"] == pytest.approx(ev.stats[2])
+# One 160x160 image. Category 5 has three 40x40 boxes A, B, C; category 2 has one, D. Labels follow the
+# sorted category ids: label 0 is category 2, label 1 is category 5.
+HAND_GT = {5: [(4, 4, 40, 40), (60, 4, 40, 40), (4, 60, 40, 40)], 2: [(110, 110, 40, 40)]}
+# Detections (x, y, w, h, score, label): A exactly; a false positive touching no box; B shifted 8 px to the
+# right (IoU 32*40 / (2*1600 - 32*40) = 2/3); D exactly. C is missed.
+HAND_DT = [(4, 4, 40, 40, 0.9, 1), (60, 60, 40, 40, 0.8, 1), (68, 4, 40, 40, 0.7, 1), (110, 110, 40, 40, 0.6, 0)]
 
 
-def test_real_detector_runs_through_the_evaluator(demo_val):
+def _hand_coco(root):
+    write_rgb(root / "images" / "val" / "a.png", 160, 160)
+    anns = [{"id": i + 1, "image_id": 1, "category_id": cat, "bbox": list(box), "area": box[2] * box[3], "iscrowd": 0}
+            for i, (cat, box) in enumerate((c, b) for c, boxes in HAND_GT.items() for b in boxes)]
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "instances_val.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 160, "height": 160}], "annotations": anns,
+        "categories": [{"id": 5, "name": "ball"}, {"id": 2, "name": "box"}]}))
+    return open_detection(root, "coco", "val", det_eval_transforms())
+
+
+class FixedDetector(nn.Module):
+    """Returns :data:`HAND_DT` (as xyxy boxes, 0-based labels) for every image."""
+
+    def forward(self, images):
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h, _, _ in HAND_DT], dtype=torch.float32)
+        return [{"boxes": boxes, "scores": torch.tensor([d[4] for d in HAND_DT]),
+                 "labels": torch.tensor([d[5] for d in HAND_DT])} for _ in images]
+
+
+def test_map_of_a_hand_computed_case(tmp_path):
+    # Category 5, IoU thresholds 0.50-0.65 (4 of 10): hits at ranks 1 and 3 of 3 boxes, so recall 1/3 at
+    # precision 1, then 2/3 at precision 2/3. On COCO's 101 recall points: 34 points (0.00-0.33) at
+    # precision 1, 33 (0.34-0.66) at 2/3, the rest 0: 56/101. Thresholds 0.70-0.95 (6 of 10): only A
+    # counts: 34/101. Category 2: D found exactly, AP 1 at every threshold. AP is the mean over both.
+    dataset = _hand_coco(tmp_path)
+    assert dataset.label_to_cat_id == [2, 5]
+    ball = (4 * 56 / 101 + 6 * 34 / 101) / 10
+    result = evaluate_detection(FixedDetector(), dataset)
+    assert result["AP"] == pytest.approx((ball + 1) / 2, abs=1e-6)
+    assert result["AP50"] == pytest.approx((56 / 101 + 1) / 2, abs=1e-6)
+    assert result["AP75"] == pytest.approx((34 / 101 + 1) / 2, abs=1e-6)
+    assert result["APm"] == pytest.approx(result["AP"], abs=1e-6)  # every box is 40x40: medium
+    assert result["APs"] == result["APl"] == 0.0  # no small or large boxes (pycocotools says -1)
+
+
+def test_real_detectors_detections_reach_the_evaluator_as_coco_results(demo_val, tmp_path):
     arch = __import__("fna.arch", fromlist=["BUILTIN_ARCHS"]).BUILTIN_ARCHS["mobilenet_v2"]
-    model = build_model("ssdlite", arch, demo_val.num_classes, size=96)
-    result = evaluate_detection(model, demo_val)
-    assert set(result) == {"AP", "AP50", "AP75", "APs", "APm", "APl"} and 0.0 <= result["AP"] <= 1.0
+    model = build_model("ssdlite", arch, demo_val.num_classes, size=96).eval()
+    result = evaluate_detection(model, demo_val, batch_size=4, results_path=tmp_path / "dt.json")
+    assert set(result) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    written = json.loads((tmp_path / "dt.json").read_text())
+    expected = []  # the model's own outputs, in the same batches, as COCO entries
+    with torch.no_grad():
+        for start in range(0, len(demo_val), 4):
+            items = [demo_val[i] for i in range(start, min(start + 4, len(demo_val)))]
+            for (_, target), out in zip(items, model([image for image, _ in items])):
+                for (x0, y0, x1, y1), score, label in zip(out["boxes"].tolist(), out["scores"].tolist(),
+                                                          out["labels"].tolist()):
+                    expected.append((int(target["image_id"]), demo_val.label_to_cat_id[label],
+                                     [x0, y0, x1 - x0, y1 - y0], score))
+    assert len(written) == len(expected) > 0
+    for entry, (image_id, cat, bbox, score) in zip(written, expected):
+        assert (entry["image_id"], entry["category_id"]) == (image_id, cat)
+        assert entry["bbox"] == pytest.approx(bbox, abs=1e-3) and entry["score"] == pytest.approx(score, abs=1e-5)
+    assert {e["image_id"] for e in written} <= set(demo_val.image_ids)

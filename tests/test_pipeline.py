@@ -1,5 +1,8 @@
 """End-to-end runs of `fna train` / `fna adapt` on tiny on-disk datasets (CPU, a few steps)."""
 
+import contextlib
+import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -13,7 +16,8 @@ from data_fixtures import write_label, write_rgb
 import fna
 from fna.data.demo import write_demo
 from fna.errors import FnaError
-from fna.pipeline import load_config, run
+from fna.pipeline import eval_dataset, load_config, run
+from fna.seeds import SEEDS, find_weights
 
 TINY = ["finetune.iters=3", "finetune.batch_size=2", "finetune.checkpoint_every=2"]
 TINY_SEARCH = ["search.epochs=2", "search.arch_start_epoch=1", "search.batch_size=2", "search.warmup_iters=0",
@@ -59,6 +63,50 @@ def _config(task, root, fmt, *overrides, **fields):
     return load_config(None, [*TINY, size, *overrides], task=task, data={"root": str(root), "format": fmt}, **fields)
 
 
+def _miou_by_hand(run_dir: Path, root, fmt: str) -> float:
+    """mIoU of the saved model on the val split: argmax per pixel, a numpy confusion matrix (255 ignored),
+    IoU over the classes present in prediction or ground truth."""
+    model, info = fna.load(run_dir / "model.fna.pt")
+    n = info.num_classes
+    confusion = np.zeros((n, n), dtype=np.int64)
+    with torch.no_grad():
+        for image, mask in eval_dataset("seg", root, fmt, "val"):
+            pred = model(image[None]).argmax(1)[0].numpy().ravel()
+            gt = np.asarray(mask).ravel()
+            keep = gt != 255
+            confusion += np.bincount(n * gt[keep] + pred[keep], minlength=n * n).reshape(n, n)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    return float(np.mean(tp[union > 0] / union[union > 0]))
+
+
+def _ap_by_pycocotools(run_dir: Path, root) -> float:
+    """COCO AP of the run's ``detections.json`` on the val annotation file, by pycocotools directly."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    detections = json.loads((run_dir / "detections.json").read_text())
+    if not detections:  # RetinaNet after a few steps: no score above its 0.05 threshold yet
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(Path(root) / "annotations" / "instances_val.json"))
+        ev = COCOeval(gt, gt.loadRes(detections), "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    return float(ev.stats[0])
+
+
+def _assert_metric_recomputes(summary: dict, run_dir: Path, root, fmt: str) -> None:
+    """The summary's metric is the saved model's mIoU (seg) or the written detections' AP, worked out here."""
+    if summary["task"] == "seg":
+        assert summary["metric_name"] == "mIoU"
+        assert summary["metric"] == pytest.approx(_miou_by_hand(run_dir, root, fmt), abs=1e-6)
+    else:
+        assert summary["metric_name"] == "AP"
+        if summary["task"] == "ssdlite":  # its softmax scores start near 1/(C+1), far above its 0.01 threshold,
+            assert json.loads((run_dir / "detections.json").read_text())  # so AP is computed on real detections
+        assert summary["metric"] == pytest.approx(_ap_by_pycocotools(run_dir, root), abs=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["cityscapes", "voc", "folder"])
 def test_adapt_runs_every_phase_on_each_segmentation_layout(layout, tmp_path, mbv2_seed):
     root = make_seg_layout(tmp_path / "data", layout)
@@ -68,7 +116,7 @@ def test_adapt_runs_every_phase_on_each_segmentation_layout(layout, tmp_path, mb
     arch = json.loads((tmp_path / "run" / "arch.json").read_text())
     assert summary["arch"]["stages"] == arch["stages"] and len(arch["stages"]) == 7
     assert (tmp_path / "run" / "search" / "alpha_history.json").exists()
-    assert 0 <= summary["metric"] <= 1
+    _assert_metric_recomputes(summary, tmp_path / "run", root, layout)
 
 
 @pytest.mark.parametrize("task", ["retinanet", "ssdlite"])
@@ -77,7 +125,7 @@ def test_adapt_runs_every_phase_for_both_detectors(task, demo_root, tmp_path, mb
     assert set(summary["phases"]) == {"search", "remap", "finetune", "eval"}
     detections = json.loads((tmp_path / "run" / "detections.json").read_text())
     assert all({"image_id", "category_id", "bbox", "score"} <= set(d) for d in detections)
-    assert 0 <= summary["metric"] <= 1
+    _assert_metric_recomputes(summary, tmp_path / "run", demo_root, "coco")
 
 
 @pytest.mark.parametrize("task,fmt", [("seg", "folder"), ("retinanet", "coco"), ("ssdlite", "coco")])
@@ -86,7 +134,7 @@ def test_train_writes_a_complete_run_directory(task, fmt, demo_root, tmp_path, m
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "arch.json", "arch.net_config.txt", "remap_report.md", "model.fna.pt", "metrics.json",
             "ledger.json", "summary.json", "finetune"} <= names
-    assert summary["metric_name"] == ("mIoU" if task == "seg" else "AP") and 0 <= summary["metric"] <= 1
+    _assert_metric_recomputes(summary, tmp_path / "run", demo_root, fmt)
     assert set(summary["phases"]) == {"remap", "finetune", "eval"}
     assert all(p["done"] and p["seconds"] > 0 and p["device"].startswith("cpu") for p in summary["phases"].values())
     assert summary["params"] > 0 and summary["madds_data"] < summary["madds_paper_size"]
@@ -96,7 +144,9 @@ def test_saved_model_rebuilds_and_reproduces_the_metric(demo_root, tmp_path, mbv
     summary = run(_config("seg", demo_root, "folder", arch="fna_deeplabv3"), tmp_path / "run")
     model, info = fna.load(tmp_path / "run" / "model.fna.pt")
     assert info.task == "seg" and info.class_names[0] == "background" and info.arch.name == "fna_deeplabv3"
-    assert info.seed["sha256"] == mbv2_seed.sha256
+    weights = find_weights(SEEDS["mobilenet_v2"])
+    assert info.seed == {"seed": "mobilenet_v2", "weights": str(weights), "init": "remap",
+                         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     out = subprocess.run([sys.executable, "-m", "fna", "eval", str(tmp_path / "run" / "model.fna.pt"), "--data",
                           str(demo_root), "--format", "folder", "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -147,4 +197,5 @@ def test_train_under_torchrun_with_two_processes(demo_root, tmp_path, mbv2_seed)
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["phases"]["finetune"]["done"] and 0 <= summary["metric"] <= 1
+    assert summary["phases"]["finetune"]["done"]
+    _assert_metric_recomputes(summary, tmp_path / "run", demo_root, "folder")

@@ -1,9 +1,12 @@
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 
-from fna.seeds import SEEDS, SeedError, load_seed
+from fna.seeds import SEEDS, SeedError, find_weights, load_seed
 
 
 def test_our_mobilenet_v2_gives_torchvision_logits(mbv2_seed):
@@ -25,8 +28,23 @@ def test_seed_classifies_chelsea_as_a_cat(mbv2_seed):
     assert 281 <= top <= 285
 
 
-def test_seed_provenance_records_the_sha256(mbv2_seed):
-    assert mbv2_seed.sha256 == SEEDS["mobilenet_v2"].sha256
+def _file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_seed_provenance_names_the_seed_its_weights_file_and_that_files_sha256(mbv2_seed):
+    path = find_weights(SEEDS["mobilenet_v2"])
+    digest = _file_sha256(path)
+    assert digest == SEEDS["mobilenet_v2"].sha256  # the shipped file is the published one
+    assert mbv2_seed.provenance == {"seed": "mobilenet_v2", "weights": str(path), "sha256": digest}
+
+
+def test_provenance_of_a_user_weights_file_is_that_files_own_hash(tmp_path):
+    own = tmp_path / "my_mbv2.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), own)
+    seed = load_seed("mobilenet_v2", own)
+    assert seed.provenance == {"seed": "mobilenet_v2", "weights": str(own), "sha256": _file_sha256(own)}
+    assert seed.provenance["sha256"] != SEEDS["mobilenet_v2"].sha256
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

@@ -1,5 +1,6 @@
 """Search space, super network (forward modes, gradients, derive, remapping) and per-candidate cost tables."""
 
+import itertools
 import json
 
 import pytest
@@ -206,13 +207,72 @@ def test_every_candidate_of_a_layer_takes_the_same_seed_layer():
     torch.testing.assert_close(net.stages[0][0].depthwise.bn.running_var, src.stages[0][0].depthwise.bn.running_var)
 
 
-def test_real_seed_super_network_runs_every_task(mbv2_seed):
-    for task, space in [("seg", "segmentation"), ("retinanet", "detection"), ("ssdlite", "detection")]:
-        spec = get_task(task)
-        net = SuperBackbone.from_seed(mbv2_seed, SearchSpace.preset(space), spec.taps(mbv2_seed.arch),
-                                      spec.output_stride)
-        model = spec.head(net, 3)
-        assert model is not None and all(v.shape[0] == 1 for v in net(torch.randn(1, 3, 64, 64)).values())
+REAL_TASKS = [("seg", "segmentation"), ("retinanet", "detection"), ("ssdlite", "detection")]
+# Tap shapes on a 64x64 input, from SPEC §1-2: channels of the tapped stage (or 6x96 expand / 1280 final)
+# at stride 8/16/32, the segmentation net dilated past stride 16.
+REAL_TAP_SHAPES = {"seg": {"stage6": (320, 4)},
+                   "retinanet": {"stage2": (32, 8), "stage4": (96, 4), "stage6": (320, 2)},
+                   "ssdlite": {"expand5": (576, 4), "final": (1280, 2)}}
+
+
+def _real_super_network(seed, task: str, space: str) -> SuperBackbone:
+    spec = get_task(task)
+    return SuperBackbone.from_seed(seed, SearchSpace.preset(space), spec.taps(seed.arch), spec.output_stride)
+
+
+def _seed_path(net: SuperBackbone) -> list[list[int]]:
+    """The seed's own ops in every searched layer, skip in the layers past the seed's depth."""
+    return [[names.index(op) for op, names in zip(stage.ops + (SKIP,) * (len(layers) - len(stage.ops)), layers)]
+            for stage, layers in zip(net.seed_arch.stages[1:], net.candidates)]
+
+
+@pytest.mark.parametrize("task,space", REAL_TASKS)
+def test_real_seed_super_network_on_the_seed_path_computes_the_seed(mbv2_seed, task, space):
+    # Searched candidates have BN without affine parameters or running statistics (SPEC §2), so the
+    # independent reference is the seed backbone itself with those BN layers at gamma 1, beta 0, both in
+    # train mode (batch statistics). Everything else -- stem, first block, final conv, every searched
+    # conv -- must be the seed's, at the task's taps and output stride.
+    spec = get_task(task)
+    net = _real_super_network(mbv2_seed, task, space).train()
+    net.set_path(_seed_path(net))
+    ref = Backbone(mbv2_seed.arch, taps=spec.taps(mbv2_seed.arch), output_stride=spec.output_stride)
+    wanted = ref.state_dict()  # no final 1x1 conv unless it is tapped
+    ref.load_state_dict({k: v for k, v in mbv2_seed.backbone_state_dict().items() if k in wanted})
+    with torch.no_grad():
+        for bn in (m for m in ref.stages[1:].modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.fill_(1.0), bn.bias.zero_()
+        x = _x()
+        got, expected = net(x), ref.train()(x)
+    assert list(got) == list(expected) == list(spec.taps(mbv2_seed.arch))
+    for tap in got:
+        torch.testing.assert_close(got[tap], expected[tap], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("task,space", REAL_TASKS)
+def test_each_task_model_on_the_real_seed_super_network_gives_its_outputs(mbv2_seed, task, space):
+    net = _real_super_network(mbv2_seed, task, space)
+    with torch.no_grad():
+        feats = net(_x())
+    assert {t: (f.shape[1], f.shape[2]) for t, f in feats.items()} == REAL_TAP_SHAPES[task]
+    assert all(f.shape[0] == 2 and f.shape[2] == f.shape[3] for f in feats.values())
+    assert net.out_channels == {t: c for t, (c, _) in REAL_TAP_SHAPES[task].items()}
+    sizes = {"seg": {}, "retinanet": {"min_size": SIZE, "max_size": SIZE}, "ssdlite": {"size": SIZE}}[task]
+    model = get_task(task).head(net, 3, **sizes)
+    if task == "seg":
+        with torch.no_grad():
+            assert model.eval()(_x()).shape == (2, 3, SIZE, SIZE)
+        return
+    images = list(torch.rand(2, 3, SIZE, SIZE))
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([k])} for k in (0, 2)]
+    losses = model.train()(images, targets)
+    assert set(losses) == {"classification", "bbox_regression"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        detections = model.eval()(images)
+    assert len(detections) == 2
+    for d in detections:
+        assert set(d) == {"boxes", "scores", "labels"} and d["boxes"].shape == (len(d["scores"]), 4)
+        assert ((d["labels"] >= 0) & (d["labels"] < 3)).all()
 
 
 # -- cost tables ------------------------------------------------------------------------------------
@@ -285,7 +345,64 @@ def test_latency_table_loads_and_must_fit_the_space(tmp_path):
         CostTable.load(tmp_path / "bad.json")
 
 
-def test_best_path_within_a_band_is_inside_it_and_most_probable():
+def _hand_table() -> tuple[CostTable, list[list[list[float]]]]:
+    """3 searched stages (2, 2, 1 layers; 3 candidates first, 4 after) with integer costs, and log-probs.
+
+    Candidate ``k`` costs more and is more probable the larger ``k`` (the 0.7 step outweighs the < 0.3
+    noise), so the most probable path is the most expensive one and a band below it forces a trade-off.
+    Costs are integers and the most expensive path costs under 100, so ``best_path_within``'s bins
+    (``high / 2000`` wide) never hold two different costs: the dynamic programme is then exact.
+    """
+    costs = [[[2, 3, 7], [0, 1, 4, 6]], [[3, 4, 9], [0, 2, 3, 8]], [[1, 5, 6]]]
+    names = [[[f"op{k}" for k in range(len(layer))] for layer in stage] for stage in costs]
+    gen = torch.Generator().manual_seed(3)
+    logp = [[torch.log_softmax(0.7 * torch.arange(len(layer)) + 0.3 * torch.rand(len(layer), generator=gen), 0).tolist()
+             for layer in stage] for stage in costs]
+    return CostTable("madds", 5, [[[float(c) for c in layer] for layer in stage] for stage in costs], names), logp
+
+
+def _brute_force_best(table: CostTable, logp, low: float, high: float) -> float | None:
+    """Highest log-probability over every path whose cost lies in ``[low, high]`` (None: no such path)."""
+    layers = [(c, lp) for sc, sl in zip(table.layers, logp) for c, lp in zip(sc, sl)]
+    best = None
+    for choice in itertools.product(*(range(len(c)) for c, _ in layers)):
+        cost = table.fixed + sum(c[k] for (c, _), k in zip(layers, choice))
+        if low <= cost <= high:
+            score = sum(lp[k] for (_, lp), k in zip(layers, choice))
+            best = score if best is None else max(best, score)
+    return best
+
+
+def _path_log_prob(path, logp) -> float:
+    return sum(lp[k] for stage_p, stage_l in zip(path, logp) for k, lp in zip(stage_p, stage_l))
+
+
+@pytest.mark.parametrize("band", ["cheapest", "lower third", "middle", "just below the top", "most expensive"])
+def test_best_path_within_a_band_is_the_most_probable_path_inside_it(band):
+    table, logp = _hand_table()
+    lo, hi = table.bounds()
+    assert (lo, hi) == (11, 41)
+    low, high = {"cheapest": (lo, lo), "lower third": (lo, lo + 9), "middle": (23, 27),
+                 "just below the top": (30, hi - 1), "most expensive": (hi, hi)}[band]
+    path = best_path_within(table, logp, low, high)
+    assert low <= table.path_cost(path) <= high
+    assert _path_log_prob(path, logp) == pytest.approx(_brute_force_best(table, logp, low, high), abs=1e-9)
+
+
+def test_unconstrained_most_probable_path_is_outside_the_lower_bands():
+    table, logp = _hand_table()  # guards the test above: its bands below the top do force a trade-off
+    argmax = [[max(range(len(lp)), key=lp.__getitem__) for lp in stage] for stage in logp]
+    assert table.path_cost(argmax) == table.bounds()[1]
+
+
+def test_band_without_any_path_gives_none():
+    table, logp = _hand_table()
+    lo, hi = table.bounds()
+    assert best_path_within(table, logp, 0, lo - 1) is None
+    assert best_path_within(table, logp, hi + 1, 2 * hi) is None
+
+
+def test_best_path_within_a_band_of_a_task_cost_table_is_inside_it():
     net = _net()
     table = task_cost_table("seg", net.seed_arch, net.space, (SIZE, SIZE), 3)
     lo, hi = table.bounds()

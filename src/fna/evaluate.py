@@ -74,7 +74,9 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, num_classes: int, 
     ``dataset`` yields normalised images and masks (255 ignored) at full resolution, one at a time.
     """
     model.eval().to(device)
-    confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX).to(device)
+    # Every process scores the whole dataset with its own model: torchmetrics' default sum over ranks under
+    # torchrun would mix the ranks' models (their BN statistics differ after DDP training) into the metric.
+    confusion = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, sync_on_compute=False).to(device)
     for image, mask in DataLoader(dataset, batch_size=1):
         image, mask = image.to(device), mask.to(device)
         logits = predict_logits(model, image, num_classes, window, stride_rate, flip)
