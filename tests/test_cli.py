@@ -34,3 +34,30 @@ def test_madds_reads_a_net_config_file(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["classes"] == 10 and result["size"] == [32, 32] and result["params"] > 0
+
+
+@pytest.mark.parametrize("arch,message", [
+    ({"stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]},
+                 {"c_in": 16, "c_out": 0, "stride": 2, "ops": ["k3_e6"]}]}, "stage 1 (16->0): c_out must be >= 1, got 0"),
+    ({"stem_stride": 0, "stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}]},
+     "stem_stride must be 1 or 2, got 0"),
+    ({"in_channels": 1, "stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}]},
+     "in_channels 1: only 3 (RGB) is supported"),
+    ({"final_channels": -5, "stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}]},
+     "final_channels (0: no final 1x1 conv) must be >= 0, got -5"),
+])
+def test_madds_on_an_arch_with_invalid_numbers_is_one_line_naming_the_file(tmp_path, arch, message):
+    path = tmp_path / "bad_arch.json"
+    path.write_text(json.dumps(arch))
+    out = fna("madds", "--arch", str(path), "--size", "64", "64")
+    assert out.returncode == 1
+    assert f"bad_arch.json: {message}" in out.stderr.replace("\n", "")
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_madds_on_a_net_config_with_fractional_channels_is_one_line(tmp_path):
+    path = tmp_path / "net.txt"
+    path.write_text("[[32, 16], ['k3_e1'], 1]|[[16, 24.5], ['k3_e6'], 2]")
+    out = fna("madds", "--arch", str(path), "--size", "64", "64")
+    assert out.returncode == 1 and "net.txt: net_config entry 1 c_out must be a whole number, got 24.5" in out.stderr
+    assert "Traceback" not in out.stderr
