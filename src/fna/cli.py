@@ -204,20 +204,40 @@ def evaluate(model: Annotated[Path, typer.Argument(help="model.fna.pt")], data: 
     """Evaluate a saved model (mIoU or COCO mAP) on a dataset split."""
     from fna import dist
     from fna.artifact import load_model
+    from fna.evaluate import metric_lines
     from fna.pipeline import EvalConfig, eval_dataset, evaluate_model
 
     net, info = load_model(model)
     dataset = eval_dataset(info.task, data, fmt, split, skip_bad)
+    for line in class_mismatch(tuple(info.class_names), tuple(dataset.class_names), model, data):
+        Console(stderr=True).print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     metrics = evaluate_model(info.task, net, dataset, EvalConfig(window=window, flip=flip),
                              dist.resolve_device(device), info.num_classes, tuple(info.class_names))
     if as_json:
         print(json.dumps(metrics))
         return
-    for key, value in metrics.items():
-        if not isinstance(value, dict):
-            console.print(f"{key}: {value:.4f}")
+    for line in metric_lines(metrics, info.task):
+        console.print(line, markup=False, highlight=False)
     if "per_class_iou" in metrics:
-        console.print(", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["per_class_iou"].items()))
+        console.print(", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["per_class_iou"].items()),
+                      markup=False, highlight=False)
+
+
+def class_mismatch(model_names: tuple[str, ...], data_names: tuple[str, ...], model: Path, data: Path) -> list[str]:
+    """Warnings when the dataset's class names differ from the model's; :class:`FnaError` when their counts do
+    (label ids would then mean nothing)."""
+    def listing(names: tuple[str, ...]) -> str:
+        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+    if len(model_names) != len(data_names):
+        raise FnaError(f"{data}: the dataset has {len(data_names)} classes ({listing(data_names)}) but the model "
+                       f"{model} was trained on {len(model_names)} ({listing(model_names)}); its label ids would not "
+                       "name the dataset's classes")
+    differ = [f"{i}: model {a!r}, dataset {b!r}" for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b]
+    if not differ:
+        return []
+    return [f"class names differ between the model {model} and the dataset {data} (label ids are compared as they "
+            f"are): {'; '.join(differ[:10])}" + (f"; and {len(differ) - 10} more" if len(differ) > 10 else "")]
 
 
 @app.command()

@@ -35,7 +35,7 @@ from fna.data import (det_collate, det_eval_transforms, open_detection, open_seg
                       retinanet_train_transforms, seg_collate, seg_eval_transforms, seg_train_transforms,
                       ssdlite_train_transforms)
 from fna.errors import FnaError
-from fna.evaluate import evaluate_detection, evaluate_segmentation
+from fna.evaluate import evaluate_detection, evaluate_segmentation, format_metric
 from fna.remap import remap_seed
 from fna.seeds import load_seed
 from fna.tasks import get_task
@@ -258,9 +258,9 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
     summary = _summary(cfg, arch, metrics, ledger, data_size, len(class_names))
     if dist.is_main():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"[bold]{METRIC[cfg.task]}[/] {summary['metric']:.4f} · {summary['madds_data'] / 1e9:.3f} GMAdds at "
-                  f"{summary['data_size'][0]}×{summary['data_size'][1]} · {summary['params'] / 1e6:.3f}M params · "
-                  f"run in {run_dir}")
+    console.print(f"[bold]{METRIC[cfg.task]}[/] {format_metric(summary['metric'], cfg.task)} · "
+                  f"{summary['madds_data'] / 1e9:.3f} GMAdds at {summary['data_size'][0]}×{summary['data_size'][1]} · "
+                  f"{summary['params'] / 1e6:.3f}M params · run in {run_dir}")
     if dist.is_main():
         from fna.report import write_report
 
