@@ -157,7 +157,8 @@ def test_python_api_rejects_invalid_stage_numbers(stage, message):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("[[32, 16], ['k3_e1'], 1]|[[16, 24.5], ['k3_e6'], 2]", "net_config entry 1 c_out must be a whole number, got 24.5"),
+    ("[[32, 16], ['k3_e1'], 1]|[[16, 24.5], ['k3_e6'], 2]",
+     "net_config entry 1 c_out must be a whole number, got 24.5"),
     ("[[32, 16], ['k3_e1'], 1]|[[16, 0], ['k3_e6'], 2]", r"stage 1 \(16->0\): c_out must be >= 1"),
     ("[[32, 16], ['k3_e1'], 0]", r"stride must be 1 or 2, got 0"),
     ("[[320, 1280], ['conv_2d_1x1'], 1]", "net_config has no stages"),

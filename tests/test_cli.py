@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ def test_madds_reads_a_net_config_file(tmp_path):
 
 @pytest.mark.parametrize("arch,message", [
     ({"stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]},
-                 {"c_in": 16, "c_out": 0, "stride": 2, "ops": ["k3_e6"]}]}, "stage 1 (16->0): c_out must be >= 1, got 0"),
+                 {"c_in": 16, "c_out": 0, "stride": 2, "ops": ["k3_e6"]}]},
+     "stage 1 (16->0): c_out must be >= 1, got 0"),
     ({"stem_stride": 0, "stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}]},
      "stem_stride must be 1 or 2, got 0"),
     ({"in_channels": 1, "stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}]},
@@ -61,3 +63,27 @@ def test_madds_on_a_net_config_with_fractional_channels_is_one_line(tmp_path):
     out = fna("madds", "--arch", str(path), "--size", "64", "64")
     assert out.returncode == 1 and "net.txt: net_config entry 1 c_out must be a whole number, got 24.5" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("folder", ["ds[v2]", "odd[/]name", "x[bold]y"])
+def test_error_messages_print_paths_with_brackets_literally(tmp_path, folder):
+    path = tmp_path / folder / "arch.json"
+    out = fna("madds", "--arch", str(path))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == f"error: unknown architecture '{path}': not a built-in (mobilenet_v2, " \
+                                 "fna_deeplabv3, fna_retinanet, fna_ssdlite) and no such file"
+
+
+def test_net_config_hint_keeps_its_brackets(tmp_path):
+    path = tmp_path / "net.txt"
+    path.write_text("[[32, 16], ['k3_e1']]")
+    out = fna("madds", "--arch", str(path))
+    assert out.returncode == 1 and "is not '[[c_in, c_out], [ops...], stride]'" in out.stderr
+
+
+def test_success_output_prints_paths_with_brackets_literally(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fna", "data", "make-demo", str(tmp_path / "ds[v2]" / "a[/]b"),
+                          "--train", "1", "--val", "1", "--size", "32"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "1000"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(f"to {tmp_path / 'ds[v2]' / 'a[/]b'}")

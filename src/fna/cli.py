@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fna.errors import FnaError
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FNA: adapt an ImageNet backbone to detection or segmentation by parameter "
                        "remapping and architecture search.")
-console = Console()
+console = Console()  # user text (paths, names) goes out with markup=False or through escape()
 
 
 def main() -> None:
@@ -30,7 +32,8 @@ def main() -> None:
     try:
         app()
     except FnaError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False,
+                                   soft_wrap=True)
         sys.exit(1)
 
 
@@ -78,7 +81,7 @@ def madds(
         print(json.dumps({"arch": a.name or arch, "task": task, "size": list(size),
                           "classes": classes or spec.num_classes, **cost.to_dict()}))
         return
-    table = Table(title=f"{a.name or arch} · {task} · {size[0]}×{size[1]}")
+    table = Table(title=escape(f"{a.name or arch} · {task} · {size[0]}×{size[1]}"))
     for col in ("part", "MAdds", "params"):
         table.add_column(col, justify="right" if col != "part" else "left")
     for part, c in cost.parts.items():
@@ -104,7 +107,8 @@ def data_make_demo(
 
     counts = write_demo(out, train, val, size, seed)
     console.print(f"wrote {counts['train_images']} train images ({counts['train_objects']} objects) and "
-                  f"{counts['val_images']} val images ({counts['val_objects']} objects) to {out}", highlight=False)
+                  f"{counts['val_images']} val images ({counts['val_objects']} objects) to {out}", markup=False,
+                  highlight=False)
 
 
 @app.command()
@@ -131,18 +135,18 @@ def remap(
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(target.state_dict(), out)
     for note in rep.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"{rep.seed} → {rep.target}: inherited {rep.inherited:,} of {rep.total:,} parameters "
-                  f"({rep.fraction:.1%}); wrote {out}", highlight=False)
+                  f"({rep.fraction:.1%}); wrote {out}", markup=False, highlight=False)
     if report is not None:
         report.write_text(rep.to_markdown())
-        console.print(f"wrote {report}", highlight=False)
+        console.print(f"wrote {report}", markup=False, highlight=False)
     if check_images is not None:
         sims = image_similarity(s.classifier().backbone, target, check_images)
         for name, sim in sims:
-            console.print(f"{name}: cosine {sim:.4f}", highlight=False)
+            console.print(f"{name}: cosine {sim:.4f}", markup=False, highlight=False)
         console.print(f"mean cosine similarity to the seed's final features: "
-                      f"{sum(v for _, v in sims) / len(sims):.4f}", highlight=False)
+                      f"{sum(v for _, v in sims) / len(sims):.4f}", markup=False, highlight=False)
 
 
 
@@ -246,10 +250,11 @@ def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
     from fna.artifact import load_model
 
     net, info = load_model(model)
-    console.print(f"[bold]{info.task}[/] model, {len(info.class_names)} classes: {', '.join(info.class_names)}")
+    console.print(f"[bold]{escape(info.task)}[/] model, {len(info.class_names)} classes: "
+                  f"{escape(', '.join(info.class_names))}", highlight=False)
     console.print(info.arch.describe(), highlight=False)
     console.print(f"seed: {info.seed}\nfna {info.version} (commit {info.commit[:12]}), "
-                  f"{sum(p.numel() for p in net.parameters()):,} parameters", highlight=False)
+                  f"{sum(p.numel() for p in net.parameters()):,} parameters", markup=False, highlight=False)
 
 
 @app.command("export")
@@ -270,10 +275,10 @@ def export_cmd(
 
     report = export_model(model, fmt, out, dynamic, size, tolerance)
     for c in report.checks:
-        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", highlight=False, soft_wrap=True)
+        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {report.path} ({report.format}, {report.task}, "
                   f"{'dynamic' if report.dynamic else 'fixed'} shape); max |Δ| vs PyTorch {report.worst:.2e}, "
-                  f"tolerance {report.tolerance:g}", highlight=False, soft_wrap=True)
+                  f"tolerance {report.tolerance:g}", markup=False, highlight=False, soft_wrap=True)
     report.check()
 
 
@@ -285,7 +290,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (fna ad
     if not run_dir.is_dir():
         raise FnaError(f"{run_dir}: no such run directory")
     md, page = write_report(run_dir)
-    console.print(f"wrote {md} and {page}", highlight=False)
+    console.print(f"wrote {md} and {page}", markup=False, highlight=False)
 
 
 @app.command("search")
@@ -336,33 +341,37 @@ def search_cmd(
     except Exception as e:
         raise FnaError(f"bad search config or override: {e}") from None
     cfg = SearchConfig.for_task(task, **OmegaConf.to_container(merged, resolve=True))
-    console.print(f"[bold]search[/] {task}: {cfg.epochs} epochs on {len(dataset)} images → {out}", highlight=False)
+    console.print(f"[bold]search[/] {escape(task)}: {cfg.epochs} epochs on {len(dataset)} images → "
+                  f"{escape(str(out))}", highlight=False)
     if pareto:
         _pareto(cfg, pareto.split(","), dataset, collate, data, fmt, val_split, skip_bad, out, resume)
         return
     result = search(cfg, dataset, collate, out, resume=resume)
     console.print(result.arch.describe(), highlight=False)
     console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
-                  f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", highlight=False)
+                  f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", markup=False,
+                  highlight=False)
 
 
 def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Callable, data: Path, fmt: str,
             val_split: str, skip_bad: bool, out: Path, resume: bool) -> None:
     """Run a Pareto search (see :mod:`fna.pareto`) and print its set."""
+    from fna.evaluate import format_metric
     from fna.pareto import pareto_search
     from fna.pipeline import eval_dataset
 
     val = eval_dataset(cfg.task, data, fmt, val_split, skip_bad)
     points = pareto_search(cfg, budgets, dataset, collate, val, out, tuple(dataset.class_names), resume)
-    table = Table(title=f"Pareto set · {cfg.task} · scored on {len(val)} {val_split} images")
+    table = Table(title=escape(f"Pareto set · {cfg.task} · scored on {len(val)} {val_split} images"))
     for col in ("budget", "cost", points[0].metric_name, "architecture file"):
         table.add_column(col)
     scale, unit = (1e-9, " GMAdds") if points[0].unit == "madds" else (1.0, " ms")
     for p in points:
-        table.add_row(p.label, f"{p.cost * scale:.4g}{unit}", f"{p.metric:.4f}", str(p.arch_file))
+        table.add_row(escape(p.label), f"{p.cost * scale:.4g}{unit}", format_metric(p.metric, cfg.task),
+                      escape(str(p.arch_file)))
     console.print(table)
     console.print(f"wrote {out / 'pareto' / 'pareto.json'} and pareto.png; fine-tune one with "
-                  f"`fna train --arch {points[-1].arch_file} ...`", highlight=False)
+                  f"`fna train --arch {points[-1].arch_file} ...`", markup=False, highlight=False)
 
 
 latency_app = typer.Typer(no_args_is_help=True, help="Per-device latency tables and predicted vs measured latency.")
@@ -392,10 +401,11 @@ def latency_build(
     settings = LatencySettings(task, size, device, backend, threads, space_spec, seed, classes)
     table = build_table(settings, out, warmup, repeats, resume,
                         on_entry=lambda name, e: console.print(f"{name}: {e['median_ms']:.3f} ms "
-                                                               f"(IQR {e['iqr_ms']:.3f})", highlight=False))
+                                                               f"(IQR {e['iqr_ms']:.3f})", markup=False,
+                                                               highlight=False))
     lo, hi = table.cost_table().bounds()
     console.print(f"wrote {out}: {len(table.entries)} entries; networks of this space take {lo:.2f}–{hi:.2f} ms "
-                  f"({backend}, {device}, {threads} thread(s), {size[0]}×{size[1]})", highlight=False)
+                  f"({backend}, {device}, {threads} thread(s), {size[0]}×{size[1]})", markup=False, highlight=False)
 
 
 @latency_app.command("check")
@@ -423,6 +433,6 @@ def latency_check(
     else:
         raise FnaError("give a model file or run directory, or --arch")
     console.print(f"predicted {result.predicted_ms:.3f} ms, measured {result.measured_ms:.3f} ms "
-                  f"(IQR {result.iqr_ms:.3f}); error {result.error:+.1%}", highlight=False)
+                  f"(IQR {result.iqr_ms:.3f}); error {result.error:+.1%}", markup=False, highlight=False)
     if run_dir is not None:
-        console.print(f"wrote latency to {write_to_summary(run_dir, result, lut)}", highlight=False)
+        console.print(f"wrote latency to {write_to_summary(run_dir, result, lut)}", markup=False, highlight=False)
