@@ -87,3 +87,55 @@ def test_success_output_prints_paths_with_brackets_literally(tmp_path):
                          env={**os.environ, "COLUMNS": "1000"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith(f"to {tmp_path / 'ds[v2]' / 'a[/]b'}")
+
+
+TINY_SEARCH = ["epochs=2", "arch_start_epoch=1", "batch_size=2", "warmup_iters=0", "progress=false",
+               "tensorboard=false", "space.name=tiny", "space.stages=[" + ",".join(
+                   ["{max_depth: 2, kernels: [3], expansions: [3, 6]}"] * 5) + ",{max_depth: 1, kernels: [3], "
+                                                                               "expansions: [3]}]"]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from fna.data.demo import write_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo(root, n_train=4, n_val=1, size=64, seed=1)
+    return root
+
+
+def _search(*args: str):
+    from typer.testing import CliRunner
+
+    from fna.cli import app
+
+    result = CliRunner().invoke(app, ["search", *map(str, args)])
+    return result, " ".join(result.output.split())  # rich wraps at 80 columns
+
+
+def test_search_size_sets_the_size_costs_and_budget_are_counted_at(demo_data, tmp_path, mbv2_seed):
+    result, text = _search("--task", "ssdlite", "--data", demo_data, "--format", "coco", "--out", tmp_path / "s",
+                           "--size", "64", "64", *TINY_SEARCH)
+    assert result.exit_code == 0, result.output
+    assert "costs and budget counted at 64×64 (val split, the network's input for its first image at --size 64 64" \
+        in text
+    assert "params at 64×64; wrote" in text
+
+
+def test_search_cost_size_override_wins_over_size(demo_data, tmp_path, mbv2_seed):
+    result, text = _search("--task", "retinanet", "--data", demo_data, "--format", "coco", "--out", tmp_path / "s",
+                           "--size", "64", "96", "--budget-madds", "1", *TINY_SEARCH, "cost_size=[80,80]")
+    assert "costs and budget counted at 80×80 (cost_size)" in text
+    assert "budget 1 MAdds is below the smallest network" in str(result.exception)  # stops before any step
+
+
+def test_search_without_size_says_it_counts_at_the_paper_size(demo_data, tmp_path, mbv2_seed):
+    result, text = _search("--task", "ssdlite", "--data", demo_data, "--format", "coco", "--out", tmp_path / "s",
+                           "--budget-madds", "1", *TINY_SEARCH)
+    assert "costs and budget counted at 320×320 (the paper's size; --size or cost_size=[H,W] counts them" in text
+
+
+def test_search_size_for_retinanet_counts_at_the_resized_data(demo_data, tmp_path, mbv2_seed):
+    result, text = _search("--task", "retinanet", "--data", demo_data, "--format", "coco", "--out", tmp_path / "s",
+                           "--size", "32", "200", "--budget-madds", "1", *TINY_SEARCH)
+    assert "costs and budget counted at 32×32 (val split" in text  # 64×64 images, short side to 32

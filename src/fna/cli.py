@@ -19,6 +19,7 @@ from fna.errors import FnaError
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
+    from fna.pipeline import RunConfig
     from fna.search import SearchConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -303,7 +304,9 @@ def search_cmd(
     seed: SeedOpt = "mobilenet_v2", seed_weights: SeedWeightsOpt = None,
     split: Annotated[str, typer.Option(help="Training split to search on (halved by image).")] = "train",
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Training size: seg crop H W; RetinaNet min/max "
-                                                                 "size; SSDLite S S.")] = None,
+                                                                 "size; SSDLite S S. Costs and budget are then "
+                                                                 "counted at the network's input on this data, "
+                                                                 "as in `fna adapt` (unless cost_size=...).")] = None,
     budget_madds: Annotated[Optional[float], typer.Option(help="Hard MAdds budget of the whole model at the cost "
                                                                "size (±5%).")] = None,
     budget_latency_ms: Annotated[Optional[float], typer.Option(help="Hard latency budget (needs --latency-table).")] = None,
@@ -321,6 +324,7 @@ def search_cmd(
                           seg_train_transforms, ssdlite_train_transforms)
     from fna.pipeline import load_config
     from fna.search import SearchConfig, search
+    from fna.tasks import get_task
 
     run = load_config(None, [], task=task, data={"root": str(data), "format": fmt}, size=size)
     if task == "seg":
@@ -340,9 +344,18 @@ def search_cmd(
                                  OmegaConf.from_dotlist(list(overrides or [])))
     except Exception as e:
         raise FnaError(f"bad search config or override: {e}") from None
+    if merged.get("cost_size") is not None:
+        counted = "cost_size"
+    elif size is not None:
+        cost_size, counted = _data_cost_size(run, data, fmt, (val_split, split), skip_bad)
+        merged.cost_size = list(cost_size)
+    else:
+        counted = "the paper's size; --size or cost_size=[H,W] counts them at yours"
     cfg = SearchConfig.for_task(task, **OmegaConf.to_container(merged, resolve=True))
     console.print(f"[bold]search[/] {escape(task)}: {cfg.epochs} epochs on {len(dataset)} images → "
                   f"{escape(str(out))}", highlight=False)
+    h, w = cfg.cost_size or get_task(task).paper_size
+    console.print(f"costs and budget counted at {h}×{w} ({counted})", markup=False, highlight=False)
     if pareto:
         _pareto(cfg, pareto.split(","), dataset, collate, data, fmt, val_split, skip_bad, out, resume)
         return
@@ -351,6 +364,23 @@ def search_cmd(
     console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
                   f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", markup=False,
                   highlight=False)
+
+
+def _data_cost_size(run: RunConfig, data: Path, fmt: str, splits: tuple[str, str],
+                    skip_bad: bool) -> tuple[tuple[int, int], str]:
+    """The network's input size on this data at ``run.size`` (what `fna adapt` counts costs at: the first image
+    of the val split, else of the search split when there is no val split) and where it came from."""
+    from fna.data import DataError
+    from fna.pipeline import data_input_size, eval_dataset
+
+    try:
+        sample, note = eval_dataset(run.task, data, fmt, splits[0], skip_bad), f"{splits[0]} split"
+    except DataError as e:
+        sample, note = eval_dataset(run.task, data, fmt, splits[1], skip_bad), f"{splits[1]} split ({splits[0]}: {e})"
+    h, w = run.input_size
+    how = "its first image's size: segmentation runs on whole images" if run.task == "seg" else \
+        f"the network's input for its first image at --size {h} {w}"
+    return data_input_size(run, sample), f"{note}, {how}; as in fna adapt"
 
 
 def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Callable, data: Path, fmt: str,
