@@ -96,3 +96,73 @@ def test_malformed_files_name_the_file(tmp_path):
 def test_unknown_name_lists_the_builtins():
     with pytest.raises(ArchError, match="not a built-in.*mobilenet_v2"):
         get_arch("resnet_9000")
+
+
+def _two_stage(**fields) -> dict:
+    """A JSON-ready two-stage description with ``fields`` overriding the top level or (``s1_*``) stage 1."""
+    stage1 = {"c_in": 16, "c_out": 24, "stride": 2, "ops": ["k3_e6"]}
+    stage1.update({k[3:]: v for k, v in fields.items() if k.startswith("s1_")})
+    d = {"stem_channels": 32, "stages": [{"c_in": 32, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}, stage1]}
+    d.update({k: v for k, v in fields.items() if not k.startswith("s1_")})
+    return d
+
+
+INVALID_FIELDS = [
+    ({"s1_c_out": 0}, r"stage 1 \(16->0\): c_out must be >= 1, got 0"),
+    ({"s1_c_out": -8}, r"stage 1 \(16->-8\): c_out must be >= 1, got -8"),
+    ({"s1_c_out": 24.5}, r"stage 1 c_out must be a whole number, got 24\.5"),
+    ({"s1_stride": 3}, r"stage 1 \(16->24\): stride must be 1 or 2, got 3"),
+    ({"stem_stride": 0}, r"stem_stride must be 1 or 2, got 0"),
+    ({"stem_channels": 0, "stages": [{"c_in": 0, "c_out": 16, "stride": 1, "ops": ["k3_e1"]}]},
+     r"stem_channels must be >= 1, got 0"),
+    ({"in_channels": 1}, r"in_channels 1: only 3 \(RGB\) is supported"),
+    ({"final_channels": -5}, r"final_channels \(0: no final 1x1 conv\) must be >= 0, got -5"),
+    ({"final_channels": 1280.5}, r"final_channels must be a whole number, got 1280\.5"),
+    ({"bn_eps": 0}, r"bn_eps must be a number > 0, got 0"),
+    ({"bn_eps": "small"}, r"bn_eps must be a number > 0, got 'small'"),
+]
+
+
+@pytest.mark.parametrize("fields,message", INVALID_FIELDS)
+def test_invalid_numbers_in_a_json_arch_are_one_arch_error_naming_the_field(fields, message):
+    with pytest.raises(ArchError, match=message):
+        Arch.from_dict(_two_stage(**fields))
+
+
+def test_integral_floats_and_integer_strings_in_json_are_read_as_ints():
+    arch = Arch.from_dict(_two_stage(s1_c_out=24.0, final_channels="640"))
+    assert arch.stages[1].c_out == 24 and isinstance(arch.stages[1].c_out, int) and arch.final_channels == 640
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(final_channels=-5), "final_channels .* must be >= 0, got -5"),
+    (dict(stem_stride=0), "stem_stride must be 1 or 2"),
+    (dict(in_channels=1), "only 3 \\(RGB\\)"),
+    (dict(bn_eps=-1e-5), "bn_eps must be a number > 0"),
+])
+def test_python_api_rejects_invalid_top_level_fields(kwargs, message):
+    with pytest.raises(ArchError, match=message):
+        Arch(stages=(Stage(32, 16, 1, ("k3_e1",)),), **kwargs)
+
+
+@pytest.mark.parametrize("stage,message", [
+    (Stage(32, 0, 1, ("k3_e1",)), "c_out must be >= 1"),
+    (Stage(32, 24.5, 1, ("k3_e1",)), "c_out must be a whole number, got 24.5"),
+    (Stage(32, 16, 2.0, ("k3_e1",)), "stride must be a whole number, got 2.0"),
+    (Stage(32, 16, 1, ("k3_e1",), dilation=0), "dilation must be >= 1, got 0"),
+])
+def test_python_api_rejects_invalid_stage_numbers(stage, message):
+    with pytest.raises(ArchError, match=message):
+        Arch(stages=(stage,))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[[32, 16], ['k3_e1'], 1]|[[16, 24.5], ['k3_e6'], 2]",
+     "net_config entry 1 c_out must be a whole number, got 24.5"),
+    ("[[32, 16], ['k3_e1'], 1]|[[16, 0], ['k3_e6'], 2]", r"stage 1 \(16->0\): c_out must be >= 1"),
+    ("[[32, 16], ['k3_e1'], 0]", r"stride must be 1 or 2, got 0"),
+    ("[[320, 1280], ['conv_2d_1x1'], 1]", "net_config has no stages"),
+])
+def test_invalid_numbers_in_net_config_are_one_arch_error(text, message):
+    with pytest.raises(ArchError, match=message):
+        Arch.from_net_config(text)

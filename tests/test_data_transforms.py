@@ -6,8 +6,11 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
 from fna.data import (det_collate, det_eval_transforms, retinanet_train_transforms, seg_collate,
                       seg_eval_transforms, seg_train_transforms, split_by_image, ssdlite_train_transforms)
+from fna.data.transforms import ResizeWithin, detector_resize_size
 from fna.tasks.detection import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -127,3 +130,43 @@ def test_detection_train_transforms_accept_images_without_boxes(make):
               "image_id": 1}
     out, t = make()(image, target)
     assert out.dtype == torch.float32 and t["boxes"].shape == (0, 4) and t["labels"].shape == (0,)
+
+
+@pytest.mark.parametrize("size,expected", [((128, 128), (64, 128)), ((128, 64), (32, 64)), ((60, 1000), (60, 120))])
+def test_retinanet_resize_accepts_square_and_max_below_min_sizes(size, expected):
+    image, target = _det_sample(100, 200)
+    out, t = retinanet_train_transforms(*size)(image, target)
+    assert out.shape[-2:] == expected and t["boxes"].canvas_size == expected
+    assert t["masks"].shape[-2:] == expected and len(t["boxes"]) == 2
+
+
+def test_retinanet_resize_scales_boxes_with_the_image():
+    image, target = _det_sample(100, 200)
+    out, t = ResizeWithin(128, 128)(image, target)  # scale 0.64
+    assert torch.allclose(t["boxes"], target["boxes"] * 0.64)
+    for box, mask in zip(t["boxes"], t["masks"]):
+        assert box.tolist() == pytest.approx(_box_of(mask), abs=1.5)
+
+
+@pytest.mark.parametrize("h,w", [(100, 200), (480, 640), (333, 500), (128, 128), (50, 30)])
+@pytest.mark.parametrize("min_size,max_size", [(128, 128), (60, 70), (800, 1333), (96, 64)])
+def test_retinanet_train_resize_gives_the_size_the_detector_resizes_to(h, w, min_size, max_size):
+    detector = GeneralizedRCNNTransform(min_size, max_size, IMAGENET_MEAN, IMAGENET_STD).eval()
+    batch, _ = detector([torch.zeros(3, h, w)])
+    out = ResizeWithin(min_size, max_size)(tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8)))
+    assert tuple(out.shape[-2:]) == tuple(batch.image_sizes[0]) == detector_resize_size(h, w, min_size, max_size)
+
+
+def test_retinanet_model_trains_and_predicts_at_a_square_size(one_thread):
+    from fna.arch import get_arch
+    from fna.tasks import build_model
+
+    model = build_model("retinanet", get_arch("mobilenet_v2"), 3, min_size=128, max_size=128)
+    image, target = retinanet_train_transforms(128, 128)(*_det_sample(100, 200))
+    model.train()
+    losses = model([image], [{"boxes": target["boxes"], "labels": target["labels"]}])
+    assert set(losses) == {"classification", "bbox_regression"} and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 100, 200)])
+    assert out["boxes"].shape[-1] == 4

@@ -10,7 +10,8 @@ from data_fixtures import write_rgb
 from fna.data.demo import write_demo
 from fna.data.detection import open_detection
 from fna.data.transforms import det_eval_transforms
-from fna.evaluate import evaluate_detection, evaluate_segmentation, iou_from_confusion, sliding_window_logits
+from fna.evaluate import (COCO_STATS, evaluate_detection, evaluate_segmentation, format_metric, iou_from_confusion,
+                          metric_lines, sliding_window_logits)
 from fna.tasks import build_model
 
 
@@ -117,7 +118,7 @@ def test_map_of_a_hand_computed_case(tmp_path):
     assert result["AP50"] == pytest.approx((56 / 101 + 1) / 2, abs=1e-6)
     assert result["AP75"] == pytest.approx((34 / 101 + 1) / 2, abs=1e-6)
     assert result["APm"] == pytest.approx(result["AP"], abs=1e-6)  # every box is 40x40: medium
-    assert result["APs"] == result["APl"] == 0.0  # no small or large boxes (pycocotools says -1)
+    assert result["APs"] is None and result["APl"] is None  # no small or large boxes: undefined
 
 
 def test_real_detectors_detections_reach_the_evaluator_as_coco_results(demo_val, tmp_path):
@@ -140,3 +141,65 @@ def test_real_detectors_detections_reach_the_evaluator_as_coco_results(demo_val,
         assert (entry["image_id"], entry["category_id"]) == (image_id, cat)
         assert entry["bbox"] == pytest.approx(bbox, abs=1e-3) and entry["score"] == pytest.approx(score, abs=1e-5)
     assert {e["image_id"] for e in written} <= set(demo_val.image_ids)
+
+
+class OneBoxDetector(nn.Module):
+    """Predicts the same box with label 0 on every image (or nothing with ``boxes=0``)."""
+
+    def __init__(self, boxes: int = 1) -> None:
+        super().__init__()
+        self.boxes = boxes
+
+    def forward(self, images):
+        return [{"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]] * self.boxes).reshape(-1, 4),
+                 "labels": torch.zeros(self.boxes, dtype=torch.int64), "scores": torch.ones(self.boxes)}
+                for _ in images]
+
+
+def _demo_val_where(tmp_path, edit) -> object:
+    """The demo's val split after ``edit`` rewrote each of its COCO annotations (a list → a list)."""
+    write_demo(tmp_path, n_train=1, n_val=3, size=48, seed=5)
+    path = tmp_path / "annotations" / "instances_val.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = edit(data["annotations"])
+    path.write_text(json.dumps(data))
+    return open_detection(tmp_path, "coco", "val", det_eval_transforms())
+
+
+@pytest.mark.parametrize("boxes", [0, 1])
+def test_split_without_annotated_boxes_has_undefined_ap_not_zero(tmp_path, boxes):
+    val = _demo_val_where(tmp_path, lambda anns: [])
+    assert evaluate_detection(OneBoxDetector(boxes), val) == {k: None for k in COCO_STATS}
+
+
+def test_split_with_only_crowd_boxes_has_undefined_ap(tmp_path):
+    val = _demo_val_where(tmp_path, lambda anns: [{**a, "iscrowd": 1} for a in anns])
+    assert evaluate_detection(OneBoxDetector(), val)["AP"] is None
+
+
+def test_size_range_without_boxes_is_undefined_while_ap_is_defined(demo_val):
+    result = evaluate_detection(GroundTruthDetector(demo_val), demo_val)  # 96x96 images: no box above 96²
+    assert result["AP"] == pytest.approx(1.0) and result["APl"] is None
+
+
+def test_no_detections_on_annotated_boxes_score_zero_where_defined(demo_val):
+    result = evaluate_detection(OneBoxDetector(boxes=0), demo_val)
+    assert result["AP"] == 0.0 and result["AP50"] == 0.0 and result["APl"] is None
+
+
+def test_segmentation_split_without_labelled_pixels_has_undefined_miou(tiny_arch):
+    model = build_model("seg", tiny_arch, 3).eval()
+    data = TensorDataset(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255))
+    result = evaluate_segmentation(model, data, 3)
+    assert result["mIoU"] is None and result["pixel_accuracy"] is None
+    assert set(result["per_class_iou"].values()) == {None}
+
+
+def test_undefined_metrics_print_why():
+    assert format_metric(None, "ssdlite") == "undefined: the split has no annotated boxes"
+    assert format_metric(None, "seg") == "undefined: the split has no labelled pixels"
+    assert format_metric(0.25, "seg") == "0.2500"
+    lines = metric_lines({"AP": 0.5, "APl": None, "per_class_iou": {}}, "retinanet")
+    assert lines == ["AP: 0.5000", "APl: undefined: the split has no boxes of this size"]
+    assert metric_lines({"AP": None, "APs": None}, "retinanet") == [
+        "AP: undefined: the split has no annotated boxes", "APs: undefined: the split has no annotated boxes"]

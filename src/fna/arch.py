@@ -30,6 +30,35 @@ class ArchError(FnaError, ValueError):
     """An architecture description is malformed or inconsistent."""
 
 
+INT_FIELDS = ("c_in", "c_out", "stride")
+
+
+def _whole(value: Any, what: str) -> int:
+    """``value`` as an int: ints, integral floats (``24.0``) and integer strings; :class:`ArchError` otherwise."""
+    if isinstance(value, bool):
+        raise ArchError(f"{what} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ArchError(f"{what} must be a whole number, got {value!r}")
+
+
+def _int(value: Any, what: str) -> int:
+    """``value`` itself when it is an int (not a bool, not a float like 24.5); :class:`ArchError` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArchError(f"{what} must be a whole number, got {value!r}")
+    return value
+
+
+def _at_least(value: Any, minimum: int, what: str) -> None:
+    """:class:`ArchError` unless ``value`` is an int of at least ``minimum``."""
+    if _int(value, what) < minimum:
+        raise ArchError(f"{what} must be >= {minimum}, got {value}")
+
+
 @dataclass(frozen=True)
 class Op:
     """One MBConv layer: depthwise kernel size and expansion ratio."""
@@ -102,19 +131,31 @@ class Arch:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
+        """Raise :class:`ArchError` (one line naming the field) unless the description can be built."""
         if self.activation not in ACTIVATIONS:
             raise ArchError(f"activation {self.activation!r}: expected one of {ACTIVATIONS}")
+        if _int(self.in_channels, "in_channels") != 3:
+            raise ArchError(f"in_channels {self.in_channels}: only 3 (RGB) is supported; the seeds' weights and "
+                            "the datasets are RGB")
+        _at_least(self.stem_channels, 1, "stem_channels")
+        if _int(self.stem_stride, "stem_stride") not in (1, 2):
+            raise ArchError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        _at_least(self.final_channels, 0, "final_channels (0: no final 1x1 conv)")
+        if isinstance(self.bn_eps, bool) or not isinstance(self.bn_eps, (int, float)) \
+                or not 0 < self.bn_eps < float("inf"):
+            raise ArchError(f"bn_eps must be a number > 0, got {self.bn_eps!r}")
         if not self.stages:
             raise ArchError("an architecture needs at least one stage")
         prev = self.stem_channels
         for i, stage in enumerate(self.stages):
             where = f"stage {i} ({stage.c_in}->{stage.c_out})"
+            _at_least(stage.c_in, 1, f"{where}: c_in")
+            _at_least(stage.c_out, 1, f"{where}: c_out")
             if stage.c_in != prev:
                 raise ArchError(f"{where}: input channels {stage.c_in} do not chain with the previous output {prev}")
-            if stage.stride not in (1, 2):
+            if _int(stage.stride, f"{where}: stride") not in (1, 2):
                 raise ArchError(f"{where}: stride must be 1 or 2, got {stage.stride}")
-            if stage.dilation < 1:
-                raise ArchError(f"{where}: dilation must be >= 1")
+            _at_least(stage.dilation, 1, f"{where}: dilation")
             if not stage.ops:
                 raise ArchError(f"{where}: a stage needs at least one layer")
             for j, (op, (c_in, c_out, stride)) in enumerate(zip(stage.ops, stage.layer_shapes())):
@@ -170,17 +211,23 @@ class Arch:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Arch:
         try:
-            stages = [Stage(c_in=int(s["c_in"]), c_out=int(s["c_out"]), stride=int(s["stride"]),
-                            ops=tuple(str(o) for o in s["ops"]), dilation=int(s.get("dilation", 1)))
-                      for s in d["stages"]]
-        except (KeyError, TypeError, ValueError) as e:
+            entries = [(s["c_in"], s["c_out"], s["stride"], tuple(str(o) for o in s["ops"]), s.get("dilation", 1))
+                       for s in d["stages"]]
+        except (KeyError, TypeError, AttributeError) as e:
             raise ArchError(f"malformed stage entry ({type(e).__name__}: {e}); each stage needs "
                             "c_in, c_out, stride and ops") from None
+        stages = [Stage(*(_whole(v, f"stage {i} {name}") for v, name in zip((c_in, c_out, stride), INT_FIELDS)),
+                        ops, _whole(dilation, f"stage {i} dilation"))
+                  for i, (c_in, c_out, stride, ops, dilation) in enumerate(entries)]
         known = {"stem_channels", "stem_stride", "final_channels", "activation", "bn_eps", "in_channels", "name"}
         unknown = set(d) - known - {"stages"}
         if unknown:
             raise ArchError(f"unknown architecture fields: {sorted(unknown)}")
-        return cls(stages=tuple(stages), **{k: d[k] for k in known if k in d})
+        fields = {k: d[k] for k in known if k in d}
+        for k in ("stem_channels", "stem_stride", "final_channels", "in_channels"):
+            if k in fields:
+                fields[k] = _whole(fields[k], k)
+        return cls(stages=tuple(stages), **fields)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -200,17 +247,20 @@ class Arch:
         for i, entry in enumerate(entries):
             try:
                 (c_in, c_out), ops, stride = ast.literal_eval(entry)
-                c_in, c_out, stride = int(c_in), int(c_out), int(stride)
                 ops = [str(o) for o in ops]
-            except (ValueError, SyntaxError, TypeError) as e:
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
                 raise ArchError(f"net_config entry {i} is not '[[c_in, c_out], [ops...], stride]': {entry[:60]!r}"
                                 f" ({type(e).__name__})") from None
+            c_in, c_out, stride = (_whole(v, f"net_config entry {i} {name}")
+                                   for v, name in zip((c_in, c_out, stride), INT_FIELDS))
             if ops == ["conv_2d_1x1"]:
                 if i != len(entries) - 1:
                     raise ArchError("net_config: 'conv_2d_1x1' is only allowed as the last entry")
                 final = c_out
                 continue
             stages.append(Stage(c_in, c_out, stride, tuple(ops)))
+        if not stages:
+            raise ArchError("net_config has no stages, only the final 'conv_2d_1x1'")
         return cls(stages=tuple(stages), final_channels=final, stem_channels=stages[0].c_in, **kwargs)
 
 

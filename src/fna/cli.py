@@ -10,19 +10,22 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fna.errors import FnaError
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
+    from fna.pipeline import RunConfig
     from fna.search import SearchConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="FNA: adapt an ImageNet backbone to detection or segmentation by parameter "
                        "remapping and architecture search.")
-console = Console()
+console = Console()  # user text (paths, names) goes out with markup=False or through escape()
 
 
 def main() -> None:
@@ -30,7 +33,8 @@ def main() -> None:
     try:
         app()
     except FnaError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False,
+                                   soft_wrap=True)
         sys.exit(1)
 
 
@@ -78,7 +82,7 @@ def madds(
         print(json.dumps({"arch": a.name or arch, "task": task, "size": list(size),
                           "classes": classes or spec.num_classes, **cost.to_dict()}))
         return
-    table = Table(title=f"{a.name or arch} · {task} · {size[0]}×{size[1]}")
+    table = Table(title=escape(f"{a.name or arch} · {task} · {size[0]}×{size[1]}"))
     for col in ("part", "MAdds", "params"):
         table.add_column(col, justify="right" if col != "part" else "left")
     for part, c in cost.parts.items():
@@ -104,7 +108,8 @@ def data_make_demo(
 
     counts = write_demo(out, train, val, size, seed)
     console.print(f"wrote {counts['train_images']} train images ({counts['train_objects']} objects) and "
-                  f"{counts['val_images']} val images ({counts['val_objects']} objects) to {out}", highlight=False)
+                  f"{counts['val_images']} val images ({counts['val_objects']} objects) to {out}", markup=False,
+                  highlight=False)
 
 
 @app.command()
@@ -131,18 +136,18 @@ def remap(
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(target.state_dict(), out)
     for note in rep.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"{rep.seed} → {rep.target}: inherited {rep.inherited:,} of {rep.total:,} parameters "
-                  f"({rep.fraction:.1%}); wrote {out}", highlight=False)
+                  f"({rep.fraction:.1%}); wrote {out}", markup=False, highlight=False)
     if report is not None:
         report.write_text(rep.to_markdown())
-        console.print(f"wrote {report}", highlight=False)
+        console.print(f"wrote {report}", markup=False, highlight=False)
     if check_images is not None:
         sims = image_similarity(s.classifier().backbone, target, check_images)
         for name, sim in sims:
-            console.print(f"{name}: cosine {sim:.4f}", highlight=False)
+            console.print(f"{name}: cosine {sim:.4f}", markup=False, highlight=False)
         console.print(f"mean cosine similarity to the seed's final features: "
-                      f"{sum(v for _, v in sims) / len(sims):.4f}", highlight=False)
+                      f"{sum(v for _, v in sims) / len(sims):.4f}", markup=False, highlight=False)
 
 
 
@@ -204,20 +209,40 @@ def evaluate(model: Annotated[Path, typer.Argument(help="model.fna.pt")], data: 
     """Evaluate a saved model (mIoU or COCO mAP) on a dataset split."""
     from fna import dist
     from fna.artifact import load_model
+    from fna.evaluate import metric_lines
     from fna.pipeline import EvalConfig, eval_dataset, evaluate_model
 
     net, info = load_model(model)
     dataset = eval_dataset(info.task, data, fmt, split, skip_bad)
+    for line in class_mismatch(tuple(info.class_names), tuple(dataset.class_names), model, data):
+        Console(stderr=True).print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     metrics = evaluate_model(info.task, net, dataset, EvalConfig(window=window, flip=flip),
                              dist.resolve_device(device), info.num_classes, tuple(info.class_names))
     if as_json:
         print(json.dumps(metrics))
         return
-    for key, value in metrics.items():
-        if not isinstance(value, dict):
-            console.print(f"{key}: {value:.4f}")
+    for line in metric_lines(metrics, info.task):
+        console.print(line, markup=False, highlight=False)
     if "per_class_iou" in metrics:
-        console.print(", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["per_class_iou"].items()))
+        console.print(", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["per_class_iou"].items()),
+                      markup=False, highlight=False)
+
+
+def class_mismatch(model_names: tuple[str, ...], data_names: tuple[str, ...], model: Path, data: Path) -> list[str]:
+    """Warnings when the dataset's class names differ from the model's; :class:`FnaError` when their counts do
+    (label ids would then mean nothing)."""
+    def listing(names: tuple[str, ...]) -> str:
+        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+    if len(model_names) != len(data_names):
+        raise FnaError(f"{data}: the dataset has {len(data_names)} classes ({listing(data_names)}) but the model "
+                       f"{model} was trained on {len(model_names)} ({listing(model_names)}); its label ids would not "
+                       "name the dataset's classes")
+    differ = [f"{i}: model {a!r}, dataset {b!r}" for i, (a, b) in enumerate(zip(model_names, data_names)) if a != b]
+    if not differ:
+        return []
+    return [f"class names differ between the model {model} and the dataset {data} (label ids are compared as they "
+            f"are): {'; '.join(differ[:10])}" + (f"; and {len(differ) - 10} more" if len(differ) > 10 else "")]
 
 
 @app.command()
@@ -226,10 +251,11 @@ def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
     from fna.artifact import load_model
 
     net, info = load_model(model)
-    console.print(f"[bold]{info.task}[/] model, {len(info.class_names)} classes: {', '.join(info.class_names)}")
+    console.print(f"[bold]{escape(info.task)}[/] model, {len(info.class_names)} classes: "
+                  f"{escape(', '.join(info.class_names))}", highlight=False)
     console.print(info.arch.describe(), highlight=False)
     console.print(f"seed: {info.seed}\nfna {info.version} (commit {info.commit[:12]}), "
-                  f"{sum(p.numel() for p in net.parameters()):,} parameters", highlight=False)
+                  f"{sum(p.numel() for p in net.parameters()):,} parameters", markup=False, highlight=False)
 
 
 @app.command("export")
@@ -250,10 +276,10 @@ def export_cmd(
 
     report = export_model(model, fmt, out, dynamic, size, tolerance)
     for c in report.checks:
-        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", highlight=False, soft_wrap=True)
+        console.print(f"{'×'.join(map(str, c.shape))}: {c.summary}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {report.path} ({report.format}, {report.task}, "
                   f"{'dynamic' if report.dynamic else 'fixed'} shape); max |Δ| vs PyTorch {report.worst:.2e}, "
-                  f"tolerance {report.tolerance:g}", highlight=False, soft_wrap=True)
+                  f"tolerance {report.tolerance:g}", markup=False, highlight=False, soft_wrap=True)
     report.check()
 
 
@@ -265,7 +291,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory (fna ad
     if not run_dir.is_dir():
         raise FnaError(f"{run_dir}: no such run directory")
     md, page = write_report(run_dir)
-    console.print(f"wrote {md} and {page}", highlight=False)
+    console.print(f"wrote {md} and {page}", markup=False, highlight=False)
 
 
 @app.command("search")
@@ -278,7 +304,9 @@ def search_cmd(
     seed: SeedOpt = "mobilenet_v2", seed_weights: SeedWeightsOpt = None,
     split: Annotated[str, typer.Option(help="Training split to search on (halved by image).")] = "train",
     size: Annotated[Optional[tuple[int, int]], typer.Option(help="Training size: seg crop H W; RetinaNet min/max "
-                                                                 "size; SSDLite S S.")] = None,
+                                                                 "size; SSDLite S S. Costs and budget are then "
+                                                                 "counted at the network's input on this data, "
+                                                                 "as in `fna adapt` (unless cost_size=...).")] = None,
     budget_madds: Annotated[Optional[float], typer.Option(help="Hard MAdds budget of the whole model at the cost "
                                                                "size (±5%).")] = None,
     budget_latency_ms: Annotated[Optional[float], typer.Option(help="Hard latency budget (needs --latency-table).")] = None,
@@ -296,6 +324,7 @@ def search_cmd(
                           seg_train_transforms, ssdlite_train_transforms)
     from fna.pipeline import load_config
     from fna.search import SearchConfig, search
+    from fna.tasks import get_task
 
     run = load_config(None, [], task=task, data={"root": str(data), "format": fmt}, size=size)
     if task == "seg":
@@ -315,34 +344,64 @@ def search_cmd(
                                  OmegaConf.from_dotlist(list(overrides or [])))
     except Exception as e:
         raise FnaError(f"bad search config or override: {e}") from None
+    if merged.get("cost_size") is not None:
+        counted = "cost_size"
+    elif size is not None:
+        cost_size, counted = _data_cost_size(run, data, fmt, (val_split, split), skip_bad)
+        merged.cost_size = list(cost_size)
+    else:
+        counted = "the paper's size; --size or cost_size=[H,W] counts them at yours"
     cfg = SearchConfig.for_task(task, **OmegaConf.to_container(merged, resolve=True))
-    console.print(f"[bold]search[/] {task}: {cfg.epochs} epochs on {len(dataset)} images → {out}", highlight=False)
+    console.print(f"[bold]search[/] {escape(task)}: {cfg.epochs} epochs on {len(dataset)} images → "
+                  f"{escape(str(out))}", highlight=False)
+    h, w = cfg.cost_size or get_task(task).paper_size
+    console.print(f"costs and budget counted at {h}×{w} ({counted})", markup=False, highlight=False)
     if pareto:
         _pareto(cfg, pareto.split(","), dataset, collate, data, fmt, val_split, skip_bad, out, resume)
         return
     result = search(cfg, dataset, collate, out, resume=resume)
     console.print(result.arch.describe(), highlight=False)
     console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
-                  f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", highlight=False)
+                  f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", markup=False,
+                  highlight=False)
+
+
+def _data_cost_size(run: RunConfig, data: Path, fmt: str, splits: tuple[str, str],
+                    skip_bad: bool) -> tuple[tuple[int, int], str]:
+    """The network's input size on this data at ``run.size`` (what `fna adapt` counts costs at: the first image
+    of the val split, else of the search split when there is no val split) and where it came from."""
+    from fna.data import DataError
+    from fna.pipeline import data_input_size, eval_dataset
+
+    try:
+        sample, note = eval_dataset(run.task, data, fmt, splits[0], skip_bad), f"{splits[0]} split"
+    except DataError as e:
+        sample, note = eval_dataset(run.task, data, fmt, splits[1], skip_bad), f"{splits[1]} split ({splits[0]}: {e})"
+    h, w = run.input_size
+    how = "its first image's size: segmentation runs on whole images" if run.task == "seg" else \
+        f"the network's input for its first image at --size {h} {w}"
+    return data_input_size(run, sample), f"{note}, {how}; as in fna adapt"
 
 
 def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Callable, data: Path, fmt: str,
             val_split: str, skip_bad: bool, out: Path, resume: bool) -> None:
     """Run a Pareto search (see :mod:`fna.pareto`) and print its set."""
+    from fna.evaluate import format_metric
     from fna.pareto import pareto_search
     from fna.pipeline import eval_dataset
 
     val = eval_dataset(cfg.task, data, fmt, val_split, skip_bad)
     points = pareto_search(cfg, budgets, dataset, collate, val, out, tuple(dataset.class_names), resume)
-    table = Table(title=f"Pareto set · {cfg.task} · scored on {len(val)} {val_split} images")
+    table = Table(title=escape(f"Pareto set · {cfg.task} · scored on {len(val)} {val_split} images"))
     for col in ("budget", "cost", points[0].metric_name, "architecture file"):
         table.add_column(col)
     scale, unit = (1e-9, " GMAdds") if points[0].unit == "madds" else (1.0, " ms")
     for p in points:
-        table.add_row(p.label, f"{p.cost * scale:.4g}{unit}", f"{p.metric:.4f}", str(p.arch_file))
+        table.add_row(escape(p.label), f"{p.cost * scale:.4g}{unit}", format_metric(p.metric, cfg.task),
+                      escape(str(p.arch_file)))
     console.print(table)
     console.print(f"wrote {out / 'pareto' / 'pareto.json'} and pareto.png; fine-tune one with "
-                  f"`fna train --arch {points[-1].arch_file} ...`", highlight=False)
+                  f"`fna train --arch {points[-1].arch_file} ...`", markup=False, highlight=False)
 
 
 latency_app = typer.Typer(no_args_is_help=True, help="Per-device latency tables and predicted vs measured latency.")
@@ -372,10 +431,11 @@ def latency_build(
     settings = LatencySettings(task, size, device, backend, threads, space_spec, seed, classes)
     table = build_table(settings, out, warmup, repeats, resume,
                         on_entry=lambda name, e: console.print(f"{name}: {e['median_ms']:.3f} ms "
-                                                               f"(IQR {e['iqr_ms']:.3f})", highlight=False))
+                                                               f"(IQR {e['iqr_ms']:.3f})", markup=False,
+                                                               highlight=False))
     lo, hi = table.cost_table().bounds()
     console.print(f"wrote {out}: {len(table.entries)} entries; networks of this space take {lo:.2f}–{hi:.2f} ms "
-                  f"({backend}, {device}, {threads} thread(s), {size[0]}×{size[1]})", highlight=False)
+                  f"({backend}, {device}, {threads} thread(s), {size[0]}×{size[1]})", markup=False, highlight=False)
 
 
 @latency_app.command("check")
@@ -403,6 +463,6 @@ def latency_check(
     else:
         raise FnaError("give a model file or run directory, or --arch")
     console.print(f"predicted {result.predicted_ms:.3f} ms, measured {result.measured_ms:.3f} ms "
-                  f"(IQR {result.iqr_ms:.3f}); error {result.error:+.1%}", highlight=False)
+                  f"(IQR {result.iqr_ms:.3f}); error {result.error:+.1%}", markup=False, highlight=False)
     if run_dir is not None:
-        console.print(f"wrote latency to {write_to_summary(run_dir, result, lut)}", highlight=False)
+        console.print(f"wrote latency to {write_to_summary(run_dir, result, lut)}", markup=False, highlight=False)

@@ -1,4 +1,9 @@
-"""Evaluation: mIoU (torchmetrics confusion matrix, whole-image or sliding-window) and COCO mAP (pycocotools)."""
+"""Evaluation: mIoU (torchmetrics confusion matrix, whole-image or sliding-window) and COCO mAP (pycocotools).
+
+A metric the split cannot define is ``None`` (``null`` in JSON), never 0.0: mIoU and pixel accuracy of
+a split without a labelled pixel, every AP of a split without an annotated (non-crowd) box, and
+APs/APm/APl where the split has no box of that size. :func:`format_metric` prints it.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,29 @@ from fna.data.base import IGNORE_INDEX
 from fna.data.transforms import det_collate
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+AREA_RANGES = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, float("inf"))}  # COCO's, inclusive
+UNDEFINED = {"seg": "undefined: the split has no labelled pixels",
+             "retinanet": "undefined: the split has no annotated boxes",
+             "ssdlite": "undefined: the split has no annotated boxes"}
+
+
+def format_metric(value: float | None, task: str) -> str:
+    """``0.1234``, or why the task's metric is undefined (``None``) on this split."""
+    return UNDEFINED.get(task, "undefined") if value is None else f"{value:.4f}"
+
+
+def metric_lines(metrics: dict, task: str) -> list[str]:
+    """``name: value`` for every scalar metric; an undefined one says why."""
+    split_defined = any(v is not None for k, v in metrics.items() if k not in AREA_RANGES and not isinstance(v, dict))
+    lines = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            continue
+        if value is None and name in AREA_RANGES and split_defined:
+            lines.append(f"{name}: undefined: the split has no boxes of this size")
+        else:
+            lines.append(f"{name}: {format_metric(value, task)}")
+    return lines
 
 
 # -- segmentation ----------------------------------------------------------------------------------
@@ -84,8 +112,9 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, num_classes: int, 
     matrix = confusion.compute().cpu()
     iou = iou_from_confusion(matrix)
     names = class_names or tuple(str(i) for i in range(num_classes))
-    return {"mIoU": float(np.nanmean(iou.numpy())) if not iou.isnan().all() else 0.0,
-            "pixel_accuracy": float(matrix.diag().sum() / matrix.sum().clamp(min=1)),
+    labelled = bool(matrix.sum() > 0)  # else every class is NaN and no mean is defined
+    return {"mIoU": float(np.nanmean(iou.numpy())) if labelled else None,
+            "pixel_accuracy": float(matrix.diag().sum() / matrix.sum()) if labelled else None,
             "per_class_iou": {n: (None if math.isnan(v) else round(float(v), 6)) for n, v in zip(names, iou)}}
 
 
@@ -116,10 +145,23 @@ def coco_ground_truth(dataset: Dataset) -> tuple[COCO, list[int]]:
     return gt, [i + 1 for i in range(len(dataset.class_names))]
 
 
+def annotated_boxes(gt: COCO, image_ids: list[int]) -> list[dict]:
+    """The ground-truth annotations on ``image_ids`` that count (not crowd, not VOC difficult)."""
+    return [a for i in image_ids for a in gt.imgToAnns.get(i, []) if not a.get("iscrowd", 0)]
+
+
 def coco_map(gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
-    """COCO box AP/AP50/AP75/APs/APm/APl of ``results`` (COCO results-json entries) on ``image_ids``."""
-    if not results:
-        return {k: 0.0 for k in COCO_STATS}
+    """COCO box AP/AP50/AP75/APs/APm/APl of ``results`` (COCO results-json entries) on ``image_ids``.
+
+    ``None`` where the split holds no box to score (at all, or of that size range).
+    """
+    boxes = annotated_boxes(gt, image_ids)
+    if not boxes:
+        return {k: None for k in COCO_STATS}
+    if not results:  # pycocotools cannot load an empty result list: nothing found scores 0 where defined
+        areas = [float(a.get("area", 0)) for a in boxes]
+        return {k: 0.0 if k not in AREA_RANGES or any(AREA_RANGES[k][0] <= a <= AREA_RANGES[k][1] for a in areas)
+                else None for k in COCO_STATS}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, "bbox")
@@ -127,7 +169,7 @@ def coco_map(gt: COCO, results: list[dict], image_ids: list[int]) -> dict:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: max(float(v), 0.0) for k, v in zip(COCO_STATS, ev.stats[:6])}
+    return {k: None if v < 0 else float(v) for k, v in zip(COCO_STATS, ev.stats[:6])}  # -1: no box to score
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from fna.data import (det_collate, det_eval_transforms, open_detection, open_seg
                       retinanet_train_transforms, seg_collate, seg_eval_transforms, seg_train_transforms,
                       ssdlite_train_transforms)
 from fna.errors import FnaError
-from fna.evaluate import evaluate_detection, evaluate_segmentation
+from fna.evaluate import evaluate_detection, evaluate_segmentation, format_metric
 from fna.progress import Progress
 from fna.remap import check_compatible, remap_seed
 from fna.seeds import Seed, load_seed
@@ -441,10 +441,9 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
     summary = _summary(cfg, arch, metrics, ledger, plan.data_size, len(plan.class_names))
     if dist.is_main():
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    metric = "undefined" if summary["metric"] is None else f"{summary['metric']:.4f}"
-    console.print(f"[bold]{METRIC[cfg.task]}[/] {metric} · {summary['madds_data'] / 1e9:.3f} GMAdds at "
-                  f"{summary['data_size'][0]}×{summary['data_size'][1]} · {summary['params'] / 1e6:.3f}M params · "
-                  f"run in {escape(str(run_dir))}")
+    console.print(f"[bold]{METRIC[cfg.task]}[/] {format_metric(summary['metric'], cfg.task)} · "
+                  f"{summary['madds_data'] / 1e9:.3f} GMAdds at {summary['data_size'][0]}×{summary['data_size'][1]} · "
+                  f"{summary['params'] / 1e6:.3f}M params · run in {escape(str(run_dir))}")
     if dist.is_main():
         from fna.report import write_report
 

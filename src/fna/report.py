@@ -467,7 +467,7 @@ def _remap_section(md: str) -> list[Block]:
 
 def _metrics_section(run: RunFiles) -> list[Block]:
     summary, metrics = run.summary or {}, run.metrics or {}
-    rows = [[k, _fmt(v)] for k, v in metrics.items() if isinstance(v, (int, float))]
+    rows = [[k, _fmt(v)] for k, v in metrics.items() if v is None or isinstance(v, (int, float))]  # None: undefined
     main = summary.get("metric_name")
     rows.sort(key=lambda r: r[0] != main)
     if "madds_paper_size" in summary:

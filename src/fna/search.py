@@ -347,6 +347,31 @@ class Search:
             table = CostTable.load(cfg.latency_table)
             if table.key.get("task", cfg.task) != cfg.task:
                 raise SearchError(f"{cfg.latency_table} was measured for task {table.key['task']}, not {cfg.task}")
+            # the table's settings against the search's (a field the table lacks is not checked)
+            key, mine = table.key, cost_table_key(cfg.task, self.seed.arch, self.space, cfg.cost_size, cfg.num_classes)
+
+            def same(parse: Callable[[Any], Any], stored: Any, ours: Any) -> bool:
+                try:
+                    return parse(stored) == ours
+                except (FnaError, KeyError, TypeError, ValueError, AttributeError):
+                    return False
+
+            differs = []
+            if "size" in key and list(key["size"]) != mine["size"]:
+                differs.append(f"input size {'×'.join(map(str, key['size']))} in the table, "
+                               f"{'×'.join(map(str, mine['size']))} in the search (cost_size)")
+            if "num_classes" in key and key["num_classes"] != mine["num_classes"]:
+                differs.append(f"{key['num_classes']} classes in the table, {mine['num_classes']} in the search")
+            if "seed_arch" in key and not same(Arch.from_dict, key["seed_arch"], self.seed.arch):
+                differs.append(f"another seed architecture in the table than the search's "
+                               f"({self.seed.arch.name or 'seed'})")
+            if "space" in key and not same(lambda d: SearchSpace.get(d).stages, key["space"], self.space.stages):
+                name = key["space"].get("name", "?") if isinstance(key["space"], dict) else key["space"]
+                differs.append(f"the table's search space {name!r} has other stages than the search's "
+                               f"{self.space.name!r}")
+            if differs:
+                raise SearchError(f"{cfg.latency_table} does not fit this search: {'; '.join(differs)}; build a table "
+                                  "with the search's settings (`fna latency build`) or change the search's")
             return table
         key = cost_table_key(cfg.task, self.seed.arch, self.space, cfg.cost_size, cfg.num_classes)
         cached = self.run_dir / "cost_table.json"

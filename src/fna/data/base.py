@@ -20,7 +20,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from fna.errors import FnaError
 
@@ -39,15 +38,62 @@ class DataError(FnaError):
         self.reason = reason
 
 
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+SIXTEEN_BIT = 65535
+
+
 def read_image(path: Path) -> tv_tensors.Image:
-    """An RGB image as ``uint8 [3, H, W]``; :class:`DataError` if it is missing or does not decode."""
+    """An RGB image as ``uint8 [3, H, W]``; :class:`DataError` if it is missing or does not decode.
+
+    See :func:`to_rgb8` for how modes other than 8-bit RGB are turned into 8-bit RGB.
+    """
     try:
         with Image.open(path) as im:
-            return tv_tensors.Image(F.pil_to_tensor(im.convert("RGB")))
+            pixels = to_rgb8(im, path)
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DataError(path, f"unreadable image ({e})") from None
+    return tv_tensors.Image(torch.from_numpy(pixels.transpose(2, 0, 1).copy()))
+
+
+def to_rgb8(im: Image.Image, path: str | Path = "image") -> np.ndarray:
+    """``uint8 [H, W, 3]`` pixels of ``im``, by a rule per mode.
+
+    * 16-bit grayscale (``I;16*``, e.g. 16-bit PNG): value / 257, rounded (65535 → 255).
+    * 32-bit integer grayscale (``I``): read as 16-bit when every value is in 0..65535 (what a 16-bit
+      file holds), else :class:`DataError` (the range cannot be told).
+    * float grayscale (``F``): values in [0, 1] times 255, rounded; other values (or NaN) are a
+      :class:`DataError`.
+    * transparency (an alpha band, or a ``transparency`` entry as in palette PNGs with tRNS): composited
+      onto black, ``colour · alpha / 255``. A 16-bit grayscale pixel equal to its file's transparent value
+      becomes black.
+    * everything else (``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``...): Pillow's conversion to RGB.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(im).astype(np.int64)
+        if mode == "I" and values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT):
+            raise DataError(path, f"32-bit integer image with values {values.min()}..{values.max()}: only "
+                                  f"0..{SIXTEEN_BIT} (16-bit) can be read; convert it to 8- or 16-bit")
+        gray = (values + 128) // 257
+        transparent = im.info.get("transparency")
+        if isinstance(transparent, int):
+            gray[values == transparent] = 0
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise DataError(path, f"float image with values {np.nanmin(values):g}..{np.nanmax(values):g}: only "
+                                  "finite values in [0, 1] can be read; convert it to 8- or 16-bit")
+        return np.repeat(np.rint(values * 255).astype(np.uint8)[..., None], 3, axis=2)
+    try:
+        if mode in ALPHA_MODES or "transparency" in im.info:
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.uint32)
+            return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8)
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except ValueError as e:
+        raise DataError(path, f"image mode {mode} cannot be converted to RGB ({e})") from None
 
 
 def read_label_png(path: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ predictions come back in the dataset's own coordinates.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,6 +35,34 @@ class RandomScale(v2.Transform):
         h, w = next(F.get_size(x) for x in flat_inputs if isinstance(x, (tv_tensors.Image, tv_tensors.Mask)))
         s = float(torch.empty(()).uniform_(*self.scale))
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
+
+
+def detector_resize_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """The size torchvision's ``GeneralizedRCNNTransform`` resizes an ``h``×``w`` image to:
+    ``scale = min(min_size / short side, max_size / long side)``, each side ``floor(side · scale)``.
+
+    So the short side becomes ``min_size`` unless the long side would pass ``max_size``; a square size
+    (``min_size == max_size``) fits the long side to it.
+    """
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    return max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
+
+
+class ResizeWithin(v2.Transform):
+    """Resize keeping the ratio by :func:`detector_resize_size` (what RetinaNet does at inference)."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        if min(min_size, max_size) < 1:
+            raise ValueError(f"min_size and max_size must be >= 1, got {min_size}, {max_size}")
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = next(F.get_size(x) for x in flat_inputs if isinstance(x, (tv_tensors.Image, tv_tensors.Mask)))
+        return {"size": list(detector_resize_size(h, w, self.min_size, self.max_size))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return self._call_kernel(F.resize, inpt, params["size"], antialias=True)
@@ -72,9 +101,10 @@ def sanitize() -> v2.SanitizeBoundingBoxes:
 
 
 def retinanet_train_transforms(min_size: int = 800, max_size: int = 1333) -> v2.Compose:
-    """Resize keeping the ratio (short side ``min_size``, long side at most ``max_size``), flip, to [0, 1]."""
+    """Resize keeping the ratio (short side ``min_size``, long side at most ``max_size``; any pair, e.g.
+    square ``128, 128``, by the detector's own rule :func:`detector_resize_size`), flip, to [0, 1]."""
     return v2.Compose([
-        v2.Resize(min_size, max_size=max_size, antialias=True),
+        ResizeWithin(min_size, max_size),
         v2.RandomHorizontalFlip(),
         sanitize(),
         v2.ToDtype(torch.float32, scale=True),
