@@ -182,3 +182,22 @@ def test_bad_input_is_one_line_error(tmp_path, monkeypatch, capsys, make, args, 
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_out_in_a_missing_folder_creates_it_from_the_command_line(saved, tmp_path):
+    out = tmp_path / "exports" / "v1" / "seg.onnx"
+    result = subprocess.run([sys.executable, "-m", "fna", "export", str(saved("seg")), "--out", str(out),
+                             "--size", "64", "64"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["seg.onnx"]  # no temporary file left
+
+
+def test_out_below_a_file_is_one_line_error(saved, tmp_path, monkeypatch, capsys):
+    (tmp_path / "exports").write_text("")
+    out = tmp_path / "exports" / "m.onnx"
+    monkeypatch.setattr(sys, "argv", ["fna", "export", str(saved("seg")), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"m.onnx: cannot create its folder: {tmp_path / 'exports'} is a file" in err

@@ -12,17 +12,18 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from fna.arch import Arch, ArchError
-from fna.checkpoint import save_atomic
+from fna.checkpoint import load, save_atomic
 from fna.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fna.errors import FnaError
 from fna.tasks import build_model
 
 FORMAT = "fna-model"
 FORMAT_VERSION = 1
+_FIELDS = ("task", "arch", "class_names", "model_kwargs", "seed", "config", "preprocessing", "fna_version", "commit",
+           "state_dict")
 
 
 def package_version() -> str:
@@ -76,19 +77,24 @@ def save_model(path: str | Path, model: nn.Module, task: str, arch: Arch, class_
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the model saved by :func:`save_model` (in eval mode) and its :class:`ModelInfo`."""
+    """Rebuild the model saved by :func:`save_model` (in eval mode) and its :class:`ModelInfo`.
+
+    Only tensors and plain data are read from the file (``torch.load(weights_only=True)``); a file that
+    would run code is refused with :class:`fna.checkpoint.UnsafeFileError`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FnaError(f"{path}: model file not found")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise FnaError(f"{path}: not a readable model file, truncated or corrupt ({type(e).__name__})") from None
+    blob = load(path, "model file")  # tensors and plain data only: a crafted file cannot run code
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise FnaError(f"{path}: not an fna model file (expected a file written by `fna adapt`/`fna train`)")
     if blob.get("format_version") != FORMAT_VERSION:
         raise FnaError(f"{path}: written by fna {blob.get('fna_version')} in model format "
                        f"v{blob.get('format_version')}; this fna {package_version()} reads v{FORMAT_VERSION}")
+    missing = [k for k in _FIELDS if k not in blob]
+    if missing or not isinstance(blob["state_dict"], dict):
+        what = f"missing {', '.join(missing)}" if missing else "its weights are not a state dict"
+        raise FnaError(f"{path}: damaged fna model file ({what})")
     try:
         arch = Arch.from_dict(blob["arch"])
     except ArchError as e:

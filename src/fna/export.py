@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fna.artifact import ModelInfo, load_model
+from fna.checkpoint import os_error_in, write_atomic
 from fna.errors import FnaError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -214,7 +216,7 @@ def default_out(model_path: Path, fmt: str) -> Path:
     return model_path.with_name(name + FORMATS[fmt])
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, task: str, dynamic: bool) -> None:
+def export_onnx(module: nn.Module, example: torch.Tensor, f: Path | IO[bytes], task: str, dynamic: bool) -> None:
     """Write ``module`` as ONNX (TorchScript-based exporter); free H/W (and segmentation batch) if ``dynamic``."""
     if task == "seg":
         inputs, outputs = ["image"], ["logits"]
@@ -222,13 +224,13 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, task: str,
     else:
         inputs, outputs = ["image"], ["boxes", "scores", "labels"]
         axes = {"image": {1: "height", 2: "width"}}
-    torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
-                      output_names=outputs, dynamic_axes=axes if dynamic else None)
+    torch.onnx.export(module, (example,), str(f) if isinstance(f, Path) else f, dynamo=False, opset_version=OPSET,
+                      input_names=inputs, output_names=outputs, dynamic_axes=axes if dynamic else None)
 
 
-def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_torchscript(module: nn.Module, example: torch.Tensor, f: Path | IO[bytes]) -> None:
     """Write a ``torch.jit.trace`` of ``module`` (torchvision's tracing paths keep detector sizes free)."""
-    torch.jit.trace(module, (example,), check_trace=False).save(str(path))
+    torch.jit.save(torch.jit.trace(module, (example,), check_trace=False), str(f) if isinstance(f, Path) else f)
 
 
 def onnx_runner(path: Path) -> Runner:
@@ -284,17 +286,22 @@ def export_model(model_path: str | Path, fmt: str = "onnx", out: str | Path | No
     module = exportable(model, info)
     samples = sample_inputs(info.task, tuple(size) if size else default_size(info), dynamic)
     out = Path(out) if out is not None else default_out(model_path, fmt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer and exporter-deprecation warnings, not user-actionable
-        try:
-            if fmt == "onnx":
-                export_onnx(module, samples[0], out, info.task, dynamic)
-            else:
-                export_torchscript(module, samples[0], out)
-        except Exception as e:
-            raise FnaError(f"{fmt} export of {model_path} failed: {type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0]}") from e
+
+    def write(f: IO[bytes]) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and exporter-deprecation warnings, not user-actionable
+            try:
+                if fmt == "onnx":
+                    export_onnx(module, samples[0], f, info.task, dynamic)
+                else:
+                    export_torchscript(module, samples[0], f)
+            except Exception as e:
+                if os_error_in(e) is not None:  # full disk, read-only file system: write_atomic says so
+                    raise
+                raise FnaError(f"{fmt} export of {model_path} failed: {type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0]}") from e
+
+    write_atomic(out, write)  # creates a missing folder; a full or read-only disk is one line naming ``out``
     run = onnx_runner(out) if fmt == "onnx" else torchscript_runner(out)
     checks = [check_parity(info.task, module, run, x, tolerance) for x in samples]
     return ExportReport(out, fmt, info.task, dynamic, tolerance, checks)
