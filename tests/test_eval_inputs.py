@@ -92,3 +92,19 @@ def test_class_mismatch_rules():
     assert "1: model 'b', dataset 'B'; 2: model 'c', dataset 'x'" in line
     with pytest.raises(FnaError, match=r"d: the dataset has 1 classes \(a\) but the model m\.pt was trained on 2"):
         class_mismatch(("a", "b"), ("a",), "m.pt", "d")
+
+
+def test_pareto_set_on_a_val_split_without_boxes_is_refused_before_the_search(data, tmp_path):
+    from fna.pareto import pareto_search
+    from fna.pipeline import eval_dataset
+    from fna.search import SearchConfig, SearchError
+
+    val = eval_dataset("ssdlite", data["no_boxes"], "coco", "val")
+    with pytest.raises(SearchError, match="no annotated boxes: a Pareto set cannot be scored"):
+        pareto_search(SearchConfig.for_task("ssdlite"), ["0.5x", "1x"], val, None, val, tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_ssdlite_size_must_be_square():
+    with pytest.raises(FnaError, match=r"SSDLite runs at S×S: give size=\[S,S\], got \[64, 96\]"):
+        load_config(None, ["size=[64,96]"], task="ssdlite", data={"root": "x", "format": "coco"})

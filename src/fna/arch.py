@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fna.checkpoint import write_text_atomic
 from fna.errors import FnaError
 SKIP = "skip"
 _OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
@@ -344,4 +345,4 @@ def save_arch(arch: Arch, path: str | Path) -> None:
     """Write JSON for ``*.json`` paths, reference net_config text otherwise."""
     path = Path(path)
     text = arch.to_json() if path.suffix == ".json" else arch.to_net_config() + "\n"
-    path.write_text(text)
+    write_text_atomic(path, text)

@@ -124,23 +124,21 @@ def remap(
                                                               "the target's pooled final features to the seed's.")] = None,
 ) -> None:
     """Remap a seed's ImageNet weights onto a target architecture (SPEC §3) and save its backbone."""
-    import torch
-
     from fna.arch import get_arch
+    from fna.checkpoint import save_atomic, write_text_atomic
     from fna.remap import check_images as image_similarity
     from fna.remap import remap_seed
     from fna.seeds import load_seed
 
     s = load_seed(seed, seed_weights)
     target, rep = remap_seed(s, get_arch(arch))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(target.state_dict(), out)
+    save_atomic(target.state_dict(), out)
     for note in rep.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"{rep.seed} → {rep.target}: inherited {rep.inherited:,} of {rep.total:,} parameters "
                   f"({rep.fraction:.1%}); wrote {out}", markup=False, highlight=False)
     if report is not None:
-        report.write_text(rep.to_markdown())
+        write_text_atomic(report, rep.to_markdown())
         console.print(f"wrote {report}", markup=False, highlight=False)
     if check_images is not None:
         sims = image_similarity(s.classifier().backbone, target, check_images)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fna.checkpoint import write_text_atomic
 from fna.errors import FnaError
 
 
@@ -168,7 +169,7 @@ class CostTable:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_text_atomic(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> CostTable:
@@ -249,10 +250,13 @@ def cost_table_key(task: str, seed_arch, space, size: tuple[int, int] | None = N
 
 def best_path_within(table: CostTable, log_probs: list[list[list[float]]], low: float, high: float,
                      bins: int = 2000) -> list[list[int]] | None:
-    """The most probable path whose cost lies in ``[low, high]`` (table unit), or ``None`` if none does.
+    """A most probable path whose cost lies in ``[low, high]`` (table unit), or ``None`` if none is found.
 
     Dynamic programming over the layers, keeping the best partial path per cost bin (``high / bins``
-    wide); exact costs are carried along, so the result is always inside the band.
+    wide); exact costs are carried along, so a returned path is always inside the band. It is an
+    approximation: two partial paths in one bin keep only the more probable, so where the band's edge
+    falls within a bin's width of the best paths, a slightly less probable path (or, for a band narrower
+    than a bin, none) may be returned although a better one exists.
     """
     flat = [(c, lp) for sc, sl in zip(table.layers, log_probs) for c, lp in zip(sc, sl)]
     width = high / bins

@@ -28,8 +28,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fna.arch import BUILTIN_ARCHS
+from fna.checkpoint import write_text_atomic
 from fna.cost import model_cost
 from fna.data.demo import write_demo
+from fna.evaluate import format_metric
 from fna.pipeline import load_config, run
 from fna.seeds import load_seed
 
@@ -148,12 +150,12 @@ def run_demo(out: Path, seed_weights: str | None = None, scale: float = 1.0, res
     for col in ("task", "variant", "metric", "MAdds", "params", "seconds"):
         table.add_column(col, justify="left" if col in ("task", "variant") else "right")
     for r in rows:
-        table.add_row(r["task"], r["variant"], f"{r['metric_name']} {r['metric']:.4f}", f"{r['madds'] / 1e6:.1f}M",
+        table.add_row(r["task"], r["variant"], f"{r['metric_name']} {format_metric(r['metric'], r['task'])}", f"{r['madds'] / 1e6:.1f}M",
                       f"{r['params'] / 1e6:.3f}M", f"{r['seconds']:.0f}")
     console.print(table)
     summary = {"rows": rows, "scale": scale, "seconds": round(time.perf_counter() - t0, 1),
                "random_seeds": 1, **checks}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     for task in TASKS:
         report = out / task / "fna" / "report.html"
         if report.exists():

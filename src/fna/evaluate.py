@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from fna.checkpoint import write_text_atomic
 from fna.data.base import IGNORE_INDEX
 from fna.data.transforms import det_collate
 
@@ -197,5 +198,5 @@ def evaluate_detection(model: nn.Module, dataset: Dataset, device: str | torch.d
     gt, label_to_cat = coco_ground_truth(dataset)
     results = predict_detections(model, dataset, label_to_cat, device, batch_size)
     if results_path is not None:
-        Path(results_path).write_text(json.dumps(results))
+        write_text_atomic(results_path, json.dumps(results))
     return coco_map(gt, results, dataset.image_ids)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fna.arch import SKIP, Arch
+from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.search import Search, SearchConfig, SearchError
 from fna.supernet import SinglePath
@@ -137,6 +138,9 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
 
     if config.arch_start_epoch < 1:
         raise SearchError("a Pareto search branches after the warm-up: arch_start_epoch must be >= 1")
+    if getattr(val_set, "items", None) and all(not getattr(item, "boxes", True) for item in val_set.items):
+        raise SearchError(f"the {len(val_set)} held-out images have no annotated boxes: a Pareto set cannot be "
+                          "scored on them; pass another --val-split")
     run_dir = Path(run_dir)
     seed = seed or load_seed(config.seed, config.seed_weights)
     shared = config.model_copy(update={"budget_madds": None, "budget_latency_ms": None})
@@ -161,14 +165,18 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
         recalibrate_bn(model, branch, calib_batches)
         metrics = evaluate_model(config.task, model, val_set, EvalConfig(), branch.dist.device, num_classes,
                                  class_names)
+        if metrics[metric_name] is None:
+            raise SearchError(f"{metric_name} is undefined on the {len(val_set)} held-out images (no annotated "
+                              "boxes or labelled pixels): a Pareto set cannot be scored on them; pass another "
+                              "--val-split")
         arch = replace(result.arch, name=f"fna_{config.task}_pareto_{label}")
         arch_file = out_dir / f"arch_{label}.json"
         point = ParetoPoint(label, budget, result.cost["table_cost"], warm.table.unit, metric_name,
                             float(metrics[metric_name]), arch, arch_file)
-        arch_file.write_text(json.dumps({"arch": arch.to_dict(), "task": config.task, "budget": budget,
+        write_text_atomic(arch_file, json.dumps({"arch": arch.to_dict(), "task": config.task, "budget": budget,
                                          "cost": result.cost, metric_name: point.metric}, indent=2))
         points.append(point)
-    (out_dir / "pareto.json").write_text(json.dumps({"task": config.task, "unit": warm.table.unit,
+    write_text_atomic(out_dir / "pareto.json", json.dumps({"task": config.task, "unit": warm.table.unit,
                                                      "points": [p.to_dict() for p in points]}, indent=2))
     plot_pareto(points, out_dir / "pareto.png")
     return points

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 from rich.console import Console
 from rich.markup import escape
 
@@ -99,6 +99,12 @@ class RunConfig(BaseModel):
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _square_ssdlite(self) -> RunConfig:
+        if self.task == "ssdlite" and self.size is not None and self.size[0] != self.size[1]:
+            raise ValueError(f"SSDLite runs at S×S: give size=[S,S], got {list(self.size)}")
+        return self
 
     @property
     def input_size(self) -> tuple[int, int]:

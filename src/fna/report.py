@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, load_arch, parse_op
+from fna.checkpoint import write_text_atomic
 from fna.cost import COST_UNITS
 
 PLOTS = ("arch.png", "alpha.png", "curves.png", "lambda.png")
@@ -528,6 +529,6 @@ def write_report(run_dir: str | Path, seed_arch: Arch | None = None) -> tuple[Pa
         sections.append(("Cost ledger", _ledger_section(run.ledger)))
     title = f"FNA run report: {root.resolve().name}"
     md_path, html_path = root / "report.md", root / "report.html"
-    md_path.write_text(_markdown(title, sections, root))
-    html_path.write_text(_html(title, sections))
+    write_text_atomic(md_path, _markdown(title, sections, root))
+    write_text_atomic(html_path, _html(title, sections))
     return md_path, html_path
