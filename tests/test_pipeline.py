@@ -193,7 +193,8 @@ def test_truncated_or_foreign_model_files_are_clear_errors(demo_root, tmp_path, 
 def test_train_under_torchrun_with_two_processes(demo_root, tmp_path, mbv2_seed):
     out = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m",
                           "fna", "train", "--task", "seg", "--data", str(demo_root), "--format", "folder", "--arch",
-                          "mobilenet_v2", "--out", str(tmp_path / "run"), "size=[48,48]", *TINY],
+                          "mobilenet_v2", "--out", str(tmp_path / "run"), "size=[48,48]", *TINY,
+                          "finetune.batch_size=4"],  # the total: 2 per process
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

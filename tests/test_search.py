@@ -31,9 +31,11 @@ def _search(tmp_path: Path, data=None, **overrides) -> Search:
 def test_task_defaults_follow_the_paper_and_overrides_are_checked():
     retina, ssd = SearchConfig.for_task("retinanet"), SearchConfig.for_task("ssdlite")
     assert (retina.epochs, retina.arch_start_epoch, retina.weight_steps_per_arch_step, retina.lam) == (14, 8, 1, 0.02)
-    assert (retina.optimizer, retina.lr, retina.lr_milestones, retina.clip_grad) == ("sgd", 0.02, [8, 11], 35.0)
+    assert (retina.optimizer, retina.lr, retina.clip_grad) == ("sgd", 0.02, 35.0)
+    assert (retina.schedule, retina.milestones, retina.warmup_iters, retina.warmup_factor) == \
+        ("step", [8 / 14, 11 / 14], 500, 1 / 3)  # ×0.1 at epochs 8 and 11 of 14
     assert (ssd.epochs, ssd.arch_start_epoch, ssd.weight_steps_per_arch_step, ssd.lam) == (30, 15, 5, 0.15)
-    assert (ssd.optimizer, ssd.lr, ssd.rms_eps, ssd.temperature) == ("rmsprop", 0.05, 1.0, 0.9)
+    assert (ssd.optimizer, ssd.lr, ssd.rmsprop_eps, ssd.temperature) == ("rmsprop", 0.05, 1.0, 0.9)
     assert (retina.arch_lr, retina.arch_betas, retina.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
     assert SearchConfig.for_task("seg").space == "segmentation"
     with pytest.raises(SearchError, match="no_such_key"):
@@ -119,14 +121,13 @@ def test_a_directory_holding_a_search_is_refused_without_resume(tmp_path):
 
 
 def test_resume_applies_a_new_learning_rate_at_the_same_point_of_the_schedule(tmp_path):
-    cfg = _config(epochs=3, lr_schedule="poly")
+    cfg = _config(epochs=3, schedule="poly")
     with pytest.raises(_Interrupt):
         search(cfg, SegData(8), seg_collate, tmp_path, seed=tiny_seed(), on_step=_stop_at(3))
-    resumed = Search(_config(epochs=3, lr_schedule="poly", lr=0.001), SegData(8), seg_collate, tmp_path,
+    resumed = Search(_config(epochs=3, schedule="poly", lr=0.001), SegData(8), seg_collate, tmp_path,
                      resume=True, seed=tiny_seed())
-    straight = Search(cfg, SegData(8), seg_collate, tmp_path / "other", seed=tiny_seed())
-    factor = straight.sched_w.lr_lambdas[0](resumed.global_step)
-    assert resumed.opt_w.param_groups[0]["lr"] == pytest.approx(0.001 * factor)
+    total = 3 * resumed.iters_per_epoch  # poly over the whole search: (1 - step / total) ^ 0.9
+    assert resumed.opt_w.param_groups[0]["lr"] == pytest.approx(0.001 * (1 - resumed.global_step / total) ** 0.9)
     resumed.run()
     assert resumed.global_step == 6
 

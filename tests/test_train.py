@@ -6,7 +6,8 @@ from torch.utils.data import Dataset
 
 from fna.errors import FnaError
 from fna.tasks import build_model, get_task
-from fna.train import LossGuard, ResumableSampler, TrainConfig, batches, fit, lr_factor, paper_recipe
+from fna.train import TrainConfig, fit, paper_recipe
+from fna.training import LossGuard, ResumableSampler, batches, make_scheduler
 
 
 class RandomSegmentation(Dataset):
@@ -37,15 +38,34 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**{"iters": 4, "batch_size": 2, "lr": 0.01, "checkpoint_every": 2, **kw})
 
 
-def test_poly_schedule_with_linear_warmup():
-    cfg = TrainConfig(iters=100, warmup_iters=10, warmup_factor=0.0, schedule="poly", poly_power=0.9)
-    assert lr_factor(cfg, 0) == 0.0 and lr_factor(cfg, 5) == pytest.approx(0.5)
-    assert lr_factor(cfg, 50) == pytest.approx(0.5 ** 0.9)
+def _lrs(cfg: TrainConfig, n: int) -> list[float]:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg, cfg.iters)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
 
 
-def test_step_schedule_drops_at_milestones():
-    cfg = TrainConfig(iters=12, schedule="step", milestones=[8 / 12, 11 / 12])
-    assert [round(lr_factor(cfg, i), 6) for i in (7, 8, 10, 11)] == [1.0, 0.1, 0.1, 0.01]
+def test_poly_schedule_with_linear_warmup_multiplied_on():
+    cfg = TrainConfig(lr=1.0, iters=100, warmup_iters=10, warmup_factor=0.1, schedule="poly", poly_power=0.9)
+    lrs = _lrs(cfg, 60)
+    for it in (0, 5, 9, 10, 50):  # the closed form: warm-up factor × (1 - it/iters)^power
+        warm = 0.1 + 0.9 * it / 10 if it < 10 else 1.0
+        assert lrs[it] == pytest.approx(warm * (1 - it / 100) ** 0.9, rel=1e-9)
+
+
+def test_step_schedule_drops_at_milestone_fractions():
+    cfg = TrainConfig(lr=1.0, iters=12, schedule="step", milestones=[8 / 12, 11 / 12], gamma=0.1)
+    assert [round(v, 6) for v in _lrs(cfg, 12)] == [1.0] * 8 + [0.1] * 3 + [0.01]
+
+
+def test_cosine_schedule_follows_the_half_cosine():
+    cfg = TrainConfig(lr=1.0, iters=20, schedule="cosine")
+    lrs = _lrs(cfg, 20)
+    assert all(lrs[it] == pytest.approx(0.5 * (1 + math.cos(math.pi * it / 20)), abs=1e-9) for it in range(20))
 
 
 def test_paper_recipe_scales_lr_with_batch():
@@ -148,3 +168,9 @@ def test_resume_after_a_divergence_continues_with_a_lower_lr_from_a_finite_check
                                                   if v.is_floating_point())
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert after["iter"] == state["iter"] + 4 and after["optimizer"]["param_groups"][0]["initial_lr"] == 1e-3
+
+
+def test_one_image_per_process_where_batchnorm_needs_two_is_a_clear_error(tiny_arch, tmp_path):
+    with pytest.raises(FnaError, match="batch_size 1 gives 1 image.* BatchNorm needs at least 2"):
+        fit(build_model("seg", tiny_arch, 2), get_task("seg"), RandomSegmentation(), collate,
+            _config(batch_size=1), tmp_path)

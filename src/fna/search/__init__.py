@@ -1,0 +1,12 @@
+"""Architecture adaptation (SPEC §4): search a task's super network on task data, then derive.
+
+:mod:`~fna.search.loop` holds the loop and its two steps, :mod:`~fna.search.config` every number of a
+search, :mod:`~fna.search.budget` the cost table and the hard budget, :mod:`~fna.search.state` the
+checkpoint and :mod:`~fna.search.outputs` what a search writes.
+"""
+
+from fna.search.config import TASK_DEFAULTS, SearchConfig, SearchError
+from fna.search.loop import Search, search
+from fna.search.outputs import SEARCH_FILES, SearchResult
+
+__all__ = ["TASK_DEFAULTS", "SEARCH_FILES", "Search", "SearchConfig", "SearchError", "SearchResult", "search"]

@@ -1,0 +1,104 @@
+"""Every number of a search: :class:`SearchConfig`, the task defaults (SPEC §4) and the search's errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, PositiveInt, ValidationError, model_validator
+
+from fna.errors import FnaError
+from fna.training import OptimConfig
+
+
+class SearchError(FnaError):
+    """A search cannot start or continue (bad config, impossible budget, non-finite loss)."""
+
+
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "retinanet": dict(space="detection", epochs=14, arch_start_epoch=8, weight_steps_per_arch_step=1,
+                      batch_size=32, optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=1e-4, clip_grad=35.0,
+                      schedule="step", milestones=[8 / 14, 11 / 14], warmup_iters=500, lam=0.02,
+                      temperature=1.0),
+    "ssdlite": dict(space="detection", epochs=30, arch_start_epoch=15, weight_steps_per_arch_step=5,
+                    batch_size=512, optimizer="rmsprop", lr=0.05, rmsprop_eps=1.0, momentum=0.9, weight_decay=4e-5,
+                    clip_grad=None, schedule="constant", warmup_iters=0, lam=0.15, temperature=0.9),
+    "seg": dict(space="segmentation", epochs=40, arch_start_epoch=20, weight_steps_per_arch_step=1,
+                batch_size=16, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, clip_grad=35.0,
+                schedule="poly", warmup_iters=200, lam=0.15, temperature=1.0),
+}
+
+
+class SearchConfig(OptimConfig):
+    """Every number of a search: the weights' optimiser and schedule (:class:`~fna.training.OptimConfig`,
+    over all ``epochs``), the architecture step, the budget, the data split. :meth:`for_task` fills the
+    task's defaults (SPEC §4)."""
+
+    task: Literal["seg", "retinanet", "ssdlite"]
+    seed: str = "mobilenet_v2"
+    seed_weights: str | None = None
+    space: str | dict[str, Any]
+    num_classes: int | None = Field(None, ge=1)
+    cost_size: tuple[PositiveInt, PositiveInt] | None = None  # input size of the cost table; default: the paper's
+    model_kwargs: dict[str, Any] = {}  # to the task model (e.g. min_size/max_size, size)
+    # schedule
+    epochs: int = Field(ge=1)
+    arch_start_epoch: int = Field(ge=0)
+    weight_steps_per_arch_step: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # total over all processes
+    num_workers: int = Field(0, ge=0)
+    warmup_factor: float = Field(1 / 3, gt=0, le=1)
+    # architecture
+    arch_lr: float = Field(3e-4, gt=0)
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = Field(1e-3, ge=0)
+    arch_clip_grad: float | None = Field(35.0, gt=0)
+    lam: float = Field(ge=0)  # a negative λ would reward expensive ops
+    log_base: float = 10.0
+    temperature: float
+    # hard budget
+    budget_madds: float | None = Field(None, gt=0)
+    budget_latency_ms: float | None = Field(None, gt=0)
+    latency_table: str | None = None
+    budget_tolerance: float = 0.05
+    lambda_gain: float = Field(0.1, ge=0)
+    # reproducibility, output
+    split_seed: int = 0
+    random_seed: int = 0
+    checkpoint_every: int = Field(0, ge=0)  # weight steps; 0: at the end of every epoch only
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = True
+    debug_rank_files: bool = False  # every rank writes its α and arch under debug/ (tests)
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.budget_madds is not None and self.budget_latency_ms is not None:
+            raise ValueError("give budget_madds or budget_latency_ms, not both")
+        if self.budget_latency_ms is not None and not self.latency_table:
+            raise ValueError("budget_latency_ms needs a latency_table")
+        if self.budget_madds is not None and self.latency_table:
+            raise ValueError("budget_madds constrains MAdds; with a latency_table give budget_latency_ms")
+        if not 0 <= self.arch_start_epoch <= self.epochs:
+            raise ValueError("arch_start_epoch must lie in [0, epochs]")
+        if self.log_base <= 1 or self.temperature <= 0 or not 0 < self.budget_tolerance < 1:
+            raise ValueError("log_base must be > 1, temperature > 0, budget_tolerance in (0, 1)")
+        if not all(0 <= b < 1 for b in self.arch_betas):
+            raise ValueError(f"arch_betas must lie in [0, 1), got {list(self.arch_betas)}")
+        return self
+
+    @classmethod
+    def for_task(cls, task: str, **overrides: Any) -> SearchConfig:
+        """The task's defaults with ``overrides``; :class:`SearchError` on unknown keys or bad values."""
+        if task not in TASK_DEFAULTS:
+            raise SearchError(f"unknown search task {task!r}: expected one of {', '.join(TASK_DEFAULTS)}")
+        try:
+            return cls(task=task, **{**TASK_DEFAULTS[task], **overrides})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "config"
+            raise SearchError(f"search config: {where}: {first['msg']}") from None
+
+    @property
+    def budget(self) -> float | None:
+        """The hard budget in the cost table's unit (MAdds or ms), if any."""
+        return self.budget_madds if self.budget_madds is not None else self.budget_latency_ms

@@ -1,0 +1,285 @@
+"""The search loop (SPEC §4): weight steps on single paths, architecture steps on all candidates.
+
+Per epoch over the weight half of the data:
+
+* before ``arch_start_epoch`` (warm-up): weight steps on uniformly sampled single paths;
+* afterwards: one architecture step (every candidate, softmax(α)-weighted, weights frozen, Adam on α)
+  before every ``weight_steps_per_arch_step`` weight steps on paths sampled from softmax(α).
+
+The architecture loss is ``L_task + λ·log_τ(C)`` with ``C`` the expected cost from the per-candidate
+cost table (GMAdds, or ms with a latency table); with a hard budget λ is steered toward it
+(:mod:`fna.search.budget`). The training data is split 50/50 by image with a fixed seed;
+``batch_size`` is the *total* batch over all processes, so a run's schedule does not change with the
+number of processes.
+
+Under ``torchrun`` every process holds the whole super network and every rank samples the same paths
+(same generator). Gradients are averaged with one flat all-reduce per step (:meth:`Processes.
+average_grads`) rather than DDP: a single-path step uses another subgraph every time, which DDP could
+only follow with ``find_unused_parameters`` (a graph walk per step), and DDP would hand unsampled
+candidates zero gradients, while SPEC §4 requires them to stay ``None`` so weight decay and momentum
+do not drift them. Only rank 0 writes.
+
+Segmentation defaults (not published, SPEC §2): the optimiser and poly schedule of DeepLabv3
+fine-tuning (SPEC §5); warm-up for the first half of the epochs as in both published schedules
+(8/14, 15/30); 1 architecture : 1 weight step as for RetinaNet, since a dense per-pixel loss gives a
+low-variance α gradient per batch; λ = 0.15 as for SSDLite, because the pull of ``λ·log C`` on a
+layer's α scales with λ times the layer's share of the whole cost, and that share is similar for
+DeepLabv3 OS16 (searched layers ≈ 75% of 24.5 GMAdds) and SSDLite (≈ 65% of 0.8 GMAdds), while it is
+≈ 5% for RetinaNet (its head dominates), whose λ 0.02 would leave the cost term ineffective.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from torch.utils.tensorboard import SummaryWriter
+
+from fna.checkpoint import seed_everything
+from fna.data.split import split_by_image
+from fna.dist import Processes
+from fna.progress import Progress
+from fna.search import outputs, state
+from fna.search.budget import Budget, load_cost_table
+from fna.search.config import SearchConfig, SearchError
+from fna.search.outputs import SEARCH_FILES, SearchResult
+from fna.seeds import Seed, load_seed
+from fna.supernet import SearchSpace, SuperBackbone
+from fna.tasks import get_task
+from fna.training import (LossGuard, batches, batches_per_epoch, clip_grads, make_optimizer, make_scheduler,
+                          to_device)
+
+
+class Search:
+    """One search run: model, optimisers, data order and bookkeeping; :meth:`run` executes it.
+
+    ``seed`` is a loaded :class:`~fna.seeds.Seed` (default: ``load_seed(config.seed, config.seed_weights)``).
+    ``on_step`` is called after every weight step with a small dict (epoch, step, global_step).
+    ``resume`` continues from ``run_dir/checkpoint.pt`` (with the config's learning rates) or, when the
+    search was stopped before its first checkpoint, starts it over; without ``resume`` a ``run_dir``
+    that already holds a search is refused.
+    """
+
+    def __init__(self, config: SearchConfig, dataset: Dataset, collate_fn: Callable | None, run_dir: str | Path,
+                 resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None) -> None:
+        self.cfg = config
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.on_step = on_step
+        if not resume and any((self.run_dir / name).exists() for name in SEARCH_FILES):
+            raise SearchError(f"{self.run_dir} already holds a search; pass --resume to continue it or choose "
+                              "another --out")
+        self.dist = Processes(config.device)
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.spec = get_task(config.task)
+        self.seed = seed if seed is not None else load_seed(config.seed, config.seed_weights)
+        self.space = SearchSpace.get(config.space)
+
+        # the super network, remapped from the seed (SPEC §3), and its two parameter sets
+        seed_everything(config.random_seed)
+        self.path_gen = torch.Generator().manual_seed(config.random_seed + 1)
+        self.backbone = SuperBackbone.from_seed(self.seed, self.space, self.spec.taps(self.seed.arch),
+                                                self.spec.output_stride, config.temperature)
+        self.model = self.spec.head(self.backbone, config.num_classes or self.spec.num_classes,
+                                    **config.model_kwargs).to(self.dist.device)
+        self.arch_params = self.backbone.arch_parameters()
+        arch_ids = {id(p) for p in self.arch_params}
+        self.weight_params = [p for p in self.model.parameters() if id(p) not in arch_ids]
+
+        # costs and the budget
+        self.table = load_cost_table(config, self.seed.arch, self.space, self.run_dir / "cost_table.json",
+                                     write=self.dist.main)
+        self.table.check_fits(self.backbone.candidates)
+        self.budget = (Budget(self.table, config.budget, config.budget_tolerance, config.lambda_gain)
+                       if config.budget is not None else None)
+        self.lam = config.lam
+
+        # the data: two halves by image, batches of batch_size / processes
+        n = len(dataset)
+        if n < 2:
+            raise SearchError(f"the training set has {n} image(s); the search needs at least 2 to split in halves")
+        self.weight_idx, self.arch_idx = split_by_image(n, config.split_seed)
+        if config.batch_size % self.dist.world:
+            raise SearchError(f"batch_size {config.batch_size} (total) is not divisible by the "
+                              f"{self.dist.world} processes")
+        self.per_rank = config.batch_size // self.dist.world
+        self.weight_set, self.arch_set = Subset(dataset, self.weight_idx), Subset(dataset, self.arch_idx)
+        self.collate_fn = collate_fn
+        self.iters_per_epoch = batches_per_epoch(len(self.weight_set), self.per_rank, self.dist.world)
+        if self.iters_per_epoch == 0 or batches_per_epoch(len(self.arch_set), self.per_rank, self.dist.world) == 0:
+            raise SearchError(f"each half of the {n} training images must fill at least one batch of "
+                              f"{config.batch_size}; lower batch_size")
+
+        # optimisers: the weights' as in fine-tuning, Adam on α
+        self.opt_w = make_optimizer(self.weight_params, config)
+        self.sched_w = make_scheduler(self.opt_w, config, config.epochs * self.iters_per_epoch)
+        self.opt_a = torch.optim.Adam(self.arch_params, config.arch_lr, betas=config.arch_betas,
+                                      weight_decay=config.arch_weight_decay)
+
+        # position and records
+        self.epoch = self.step = self.global_step = self.arch_batches = 0
+        self.lambdas: list[dict[str, float]] = []
+        self.alpha_history: list[dict[str, Any]] = []
+        self.log: list[dict[str, Any]] = []
+        self.epoch_losses: dict[str, list] = {"weight": [], "arch": []}  # of the current epoch so far
+        self.guards = {"weight": LossGuard(config.divergence_factor), "arch": LossGuard(config.divergence_factor)}
+        if resume and self.ckpt_path.is_file():  # stopped before the first checkpoint: start over
+            state.load(self)
+        self.dist.broadcast_module(self.model)
+
+    # -- the two steps (SPEC §4) ----------------------------------------------------------------
+    def weight_step(self, batch: Any) -> float:
+        """One single-path weight step (path uniform during warm-up, else from softmax(α))."""
+        self.model.train()
+        path = self.backbone.sample_path(self.path_gen, uniform=self.epoch < self.cfg.arch_start_epoch)
+        self.backbone.set_path(path)
+        loss = self.spec.loss(self.model, to_device(batch, self.dist.device))
+        self._check_loss(loss, "weight")
+        self.opt_w.zero_grad(set_to_none=True)
+        self.opt_a.zero_grad(set_to_none=True)
+        loss.backward()
+        self.dist.average_grads(self.weight_params)
+        self._check_grads(self.weight_params, self.cfg.clip_grad, "weight")
+        self.opt_w.step()
+        self.sched_w.step()
+        return float(loss.detach())
+
+    def arch_step(self, batch: Any) -> tuple[float, float]:
+        """One all-candidate step on α with the weights frozen; returns (task loss, expected cost)."""
+        self.model.train()
+        self.backbone.set_path(None)
+        for p in self.weight_params:
+            p.requires_grad_(False)
+        try:
+            task_loss = self.spec.loss(self.model, to_device(batch, self.dist.device))
+            cost = self.expected_cost()
+            loss = task_loss + self.lam * torch.log(cost) / math.log(self.cfg.log_base)
+            self._check_loss(loss, "arch")
+            self.opt_a.zero_grad(set_to_none=True)
+            self.opt_w.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            for p in self.weight_params:
+                p.requires_grad_(True)
+        self.dist.average_grads(self.arch_params)
+        self._check_grads(self.arch_params, self.cfg.arch_clip_grad, "architecture")
+        self.opt_a.step()
+        if self.budget is not None:
+            self.lam, derived = self.budget.update(self.lam, self.backbone.argmax_path())
+            self.lambdas.append({"global_step": self.global_step, "lambda": self.lam, "derived_cost": derived})
+        return float(task_loss.detach()), float(cost.detach())
+
+    def expected_cost(self) -> torch.Tensor:
+        """Expected cost under softmax(α) in the loss unit (GMAdds or ms)."""
+        return self.table.expected(self.backbone.layer_probs())
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, until_epoch: int | None = None) -> SearchResult | None:
+        """Search until ``epochs``, checkpointing on the way; derive and write the architecture.
+
+        With ``until_epoch``, stop (checkpointed) once that many epochs are done and return ``None``
+        unless that is the end: a Pareto search branches the architecture phase from there.
+        """
+        stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
+        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.cfg.tensorboard and self.dist.main else None
+        try:
+            with Progress("search", self.cfg.epochs * self.iters_per_epoch, self.global_step,
+                          enabled=self.cfg.progress and self.dist.main) as progress:
+                while self.epoch < stop:
+                    self._run_epoch(writer, progress)
+            return outputs.finish(self) if self.epoch == self.cfg.epochs else None
+        finally:
+            if writer is not None:
+                writer.close()
+            self.dist.close()
+
+    def _batches(self, subset: Subset, start: int) -> Any:
+        return batches(subset, self.collate_fn, self.per_rank, self.cfg.random_seed, start, self.cfg.num_workers,
+                       rank=self.dist.rank, world=self.dist.world)
+
+    def _run_epoch(self, writer: SummaryWriter | None, progress: Progress) -> None:
+        cfg = self.cfg
+        searching = self.epoch >= cfg.arch_start_epoch
+        w_losses, a_losses = self.epoch_losses["weight"], self.epoch_losses["arch"]
+        weight_batches = self._batches(self.weight_set, self.epoch * self.iters_per_epoch + self.step)
+        arch_batches = self._batches(self.arch_set, self.arch_batches) if searching else None
+        for _ in range(self.step, self.iters_per_epoch):  # _end_epoch moves self.epoch on after the last
+            arch_now = searching and self.step % cfg.weight_steps_per_arch_step == 0
+            batch = next(weight_batches)  # drawn first: the augmentations take the global RNG in this order
+            if arch_now:
+                a_losses.append(self.arch_step(next(arch_batches)))
+                self.arch_batches += 1
+            w_losses.append(self.weight_step(batch))
+            self.step += 1
+            self.global_step += 1
+            if writer is not None:
+                writer.add_scalar("loss/weight_step", w_losses[-1], self.global_step)
+                writer.add_scalar("lr", self.opt_w.param_groups[0]["lr"], self.global_step)
+                if arch_now:
+                    writer.add_scalar("loss/arch_step_task", a_losses[-1][0], self.global_step)
+                    writer.add_scalar("lambda", self.lam, self.global_step)
+            progress.update(self.global_step, epoch=self.epoch + 1, loss=w_losses[-1])
+            if self.step == self.iters_per_epoch:
+                self._end_epoch(w_losses, a_losses, writer)
+            elif cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                state.save(self)
+            if self.on_step is not None:
+                self.on_step({"epoch": self.epoch, "step": self.step, "global_step": self.global_step})
+
+    def _end_epoch(self, w_losses: list[float], a_losses: list[tuple[float, float]],
+                   writer: SummaryWriter | None) -> None:
+        record = outputs.epoch_record(self)
+        record.update(epoch=self.epoch, weight_loss=self.dist.mean(float(np.mean(w_losses))),
+                      arch_loss=self.dist.mean(float(np.mean([a for a, _ in a_losses]))) if a_losses else None,
+                      lam=self.lam)
+        self.log.append(record)
+        self.alpha_history.append({"epoch": self.epoch, "alpha": self.alphas()})
+        if writer is not None:
+            writer.add_scalar("cost/expected", record["expected_cost"], self.epoch)
+            writer.add_scalar("cost/derived", record["derived_cost"], self.epoch)
+            writer.add_scalar("alpha/mean_entropy", float(np.mean(sum(record["entropy"], []))), self.epoch)
+            writer.add_scalar("alpha/skip_share", record["skip_share"], self.epoch)
+            writer.add_scalar("alpha/skip_prob", record["skip_prob"], self.epoch)
+        self.epoch, self.step = self.epoch + 1, 0
+        self.epoch_losses = {"weight": [], "arch": []}
+        state.save(self)
+        if self.dist.main:
+            outputs.write_epoch_files(self)
+
+    def alphas(self) -> dict[str, list]:
+        """α as plain lists, by parameter name."""
+        return {k: v.detach().cpu().tolist() for k, v in self.backbone.alpha.items()}
+
+    # -- stopping on bad numbers ------------------------------------------------------------------
+    def _check_loss(self, loss: torch.Tensor, kind: str) -> None:
+        """Stop every rank when the ``kind`` (weight / arch) loss is non-finite or diverging."""
+        problem = self.guards[kind].problem(float(loss.detach()))
+        if self.dist.any(problem is not None):
+            raise self.stopped(f"the {'architecture' if kind == 'arch' else 'weight'}-step loss "
+                               f"{problem or 'is not finite on another process'}")
+
+    def _check_grads(self, params: list[nn.Parameter], clip: float | None, kind: str) -> None:
+        """Clip; stop before the update when the gradients are not finite (same on every rank: averaged)."""
+        norm = clip_grads(params, clip)
+        if not math.isfinite(norm):
+            raise self.stopped(f"the {kind}-step gradient norm is {norm}")
+
+    def stopped(self, reason: str) -> SearchError:
+        """The error that stops the search for ``reason``, saying where to continue from."""
+        last = (f"the last checkpoint {self.ckpt_path} holds finite weights: lower the learning rate "
+                "(search.lr / search.arch_lr) or check the data, then --resume" if self.ckpt_path.is_file()
+                else "no checkpoint was written yet: lower the learning rate or check the data and run again")
+        return SearchError(f"the search stopped at epoch {self.epoch} step {self.step}: {reason}; {last}")
+
+
+def search(config: SearchConfig, dataset: Dataset, collate_fn: Callable | None, run_dir: str | Path,
+           resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None) -> SearchResult:
+    """Run (or with ``resume`` continue) an architecture search on ``dataset`` and write ``run_dir``."""
+    return Search(config, dataset, collate_fn, run_dir, resume, seed, on_step).run()
