@@ -1,23 +1,32 @@
-"""Backbone builder: an :class:`~fna.arch.Arch` becomes an ``nn.Module``.
+"""The one backbone builder: an :class:`~fna.arch.Arch` becomes an ``nn.Module`` returning feature taps.
 
-One builder serves every use. The backbone returns an ordered dict of the feature *taps* asked for:
+:class:`TapBackbone` builds stem conv → stages → final 1x1 conv, asking a *layer factory* for the module
+at each MBConv position: :class:`Backbone` makes a plain :class:`~fna.ops.MBConv` per op,
+:class:`~fna.supernet.SuperBackbone` a mixed layer per candidate list. While building it records, like
+timm's ``feature_info``, one :class:`LayerInfo` per layer (module, channels, stride, dilation and the
+cumulative stride of its input) and one :class:`FeatureInfo` per tap (module, channels, stride), so
+shapes at any image size follow without a forward (every conv pads 'same': sizes round up). One
+``forward`` serves both networks; a subclass only says how one layer runs (:meth:`TapBackbone._runner`).
+
+Taps (parsed only by :func:`parse_tap`, written only by :attr:`Tap.name`):
 
 * ``"stage{i}"`` — the output of stage ``i`` (``stages[0]`` is the fixed first block);
 * ``"expand{i}"`` — inside the first layer of stage ``i``: its expand conv + BN + activation
   (the SSDLite tap, 576 channels at stride 16 on MobileNetV2);
 * ``"final"`` — the final 1x1 conv (1280 channels on MobileNetV2).
 
-The final 1x1 conv is built only when ``"final"`` is tapped. ``output_stride`` turns strides beyond it
-into dilation (DeepLabv3 OS16: the 160 and 320 stages run at stride 1, dilation 2).
-Modules are registered in forward order: ``stem``, ``stages[i][j]`` (expand → depthwise → project),
-``final``. Skip layers are identities and are not built.
+Stages after the last tapped one are not built, the final 1x1 conv only when ``"final"`` is tapped.
+``output_stride`` turns strides beyond it into dilation (DeepLabv3 OS16: the 160 and 320 stages run at
+stride 1, dilation 2). Modules are registered in forward order: ``stem``, ``stages[i][j]``
+(expand → depthwise → project), ``final``. Skip layers are identities and are not built.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,6 +35,94 @@ from fna.arch import SKIP, Arch, ArchError, parse_op
 from fna.ops import ConvBNAct, MBConv
 
 _TAP_RE = re.compile(r"^(stage|expand)(\d+)$")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A feature tap: ``kind`` ``stage``, ``expand`` or ``final``, in or after stage ``stage``
+    (``final``: the last stage)."""
+
+    kind: str
+    stage: int
+
+    @property
+    def name(self) -> str:
+        return "final" if self.kind == "final" else f"{self.kind}{self.stage}"
+
+
+def parse_tap(name: str, n_stages: int) -> Tap:
+    """The tap ``name`` of a network with ``n_stages`` stages; :class:`ArchError` for anything else."""
+    if name == "final":
+        return Tap("final", n_stages - 1)
+    m = _TAP_RE.match(name)
+    if not m or int(m.group(2)) >= n_stages:
+        raise ArchError(f"unknown tap {name!r}: expected 'stage<i>' or 'expand<i>' with i < {n_stages}, or 'final'")
+    return Tap(m.group(1), int(m.group(2)))
+
+
+def _reduced(size: Sequence[int], stride: int) -> tuple[int, int]:
+    """Spatial size after ``stride``: a 'same'-padded conv of stride s maps n to ceil(n / s)."""
+    return -(-int(size[0]) // stride), -(-int(size[1]) // stride)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One built layer as recorded by the builder.
+
+    ``module`` is its name in the backbone (``stem``, ``stages.{i}.{j}``, ``final``); ``position``
+    ``(i, j)`` and ``ops`` (its op, or a mixed layer's candidates) are set for MBConv positions only.
+    ``stride`` and ``dilation`` are its own (after the output-stride conversion), ``in_stride`` the
+    cumulative stride of its input.
+    """
+
+    module: str
+    c_in: int
+    c_out: int
+    stride: int
+    dilation: int
+    in_stride: int
+    position: tuple[int, int] | None = None
+    ops: tuple[str, ...] = ()
+
+    def input_shape(self, size: Sequence[int], batch: int = 1) -> tuple[int, int, int, int]:
+        """Shape of this layer's input for an image of ``size`` (H, W)."""
+        return (batch, self.c_in, *_reduced(size, self.in_stride))
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One tap as recorded by the builder: its channels, its cumulative stride and the module giving it
+    (for an ``expand`` tap the layer whose expand activation it is)."""
+
+    tap: Tap
+    module: str
+    channels: int
+    stride: int
+
+    def shape(self, size: Sequence[int], batch: int = 1) -> tuple[int, int, int, int]:
+        """Shape of the tapped map for an image of ``size`` (H, W)."""
+        return (batch, self.channels, *_reduced(size, self.stride))
+
+
+LayerFactory = Callable[[LayerInfo, str, float], nn.Module]  # (layer, activation, bn_eps) -> module
+LayerRunner = Callable[[LayerInfo, nn.Module, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def layer_module(stage: int, index: int) -> str:
+    """Module name of layer ``index`` of stage ``stage`` in every backbone (and key prefix of its tensors)."""
+    return f"stages.{stage}.{index}"
+
+
+def plain_layer(info: LayerInfo, activation: str, bn_eps: float) -> MBConv:
+    """The layer factory of :class:`Backbone`: the MBConv of the position's one op."""
+    (op,) = info.ops
+    return MBConv(info.c_in, info.c_out, parse_op(op), info.stride, info.dilation, activation, bn_eps=bn_eps)
+
+
+def run_plain(info: LayerInfo, layer: nn.Module, x: torch.Tensor, want_hidden: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a plain MBConv layer: its output and, when ``want_hidden``, its expand activation."""
+    return layer.forward_with_hidden(x) if want_hidden else (layer(x), None)
 
 
 def stage_dilations(arch: Arch, output_stride: int | None) -> list[tuple[int, int]]:
@@ -56,75 +153,113 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def parse_taps(arch: Arch, taps: Sequence[str]) -> None:
-    """Check that every tap names something this arch has."""
-    for tap in taps:
-        if tap == "final":
-            if not arch.final_channels:
-                raise ArchError("tap 'final' asked for, but the architecture has no final 1x1 conv")
-            continue
-        m = _TAP_RE.match(tap)
-        if not m or int(m.group(2)) >= len(arch.stages):
-            raise ArchError(f"unknown tap {tap!r}: expected 'stage<i>' or 'expand<i>' with i < "
-                            f"{len(arch.stages)}, or 'final'")
-        if m.group(1) == "expand":
-            first = parse_op(arch.stages[int(m.group(2))].ops[0])
-            if first is None or first.expansion == 1:
-                raise ArchError(f"tap {tap!r}: the first layer of stage {m.group(2)} has no expand conv")
+def _tap_feature(tap: Tap, arch: Arch, per_stage: Sequence[Sequence[LayerInfo]],
+                 ends: Sequence[tuple[str, int]]) -> FeatureInfo:
+    """Where ``tap`` is read, its channels and stride; :class:`ArchError` for an expand tap on a layer
+    without an expand conv (or, in a mixed layer, with more than one width)."""
+    if tap.kind == "final":
+        return FeatureInfo(tap, "final", arch.final_channels, ends[-1][1])
+    if tap.kind == "stage":
+        module, stride = ends[tap.stage]
+        return FeatureInfo(tap, module, arch.stages[tap.stage].c_out, stride)
+    first = per_stage[tap.stage][0] if per_stage[tap.stage] else None
+    ops = [parse_op(o) for o in first.ops] if first is not None else []
+    if not ops or any(op is None or op.expansion == 1 for op in ops):
+        raise ArchError(f"tap {tap.name!r}: the first layer of stage {tap.stage} has no expand conv")
+    widths = {first.c_in * op.expansion for op in ops}
+    if len(widths) > 1:
+        raise ArchError(f"tap {tap.name!r}: the candidates of the first layer of stage {tap.stage} differ in "
+                        "expansion, so the tap has no one width")
+    return FeatureInfo(tap, first.module, widths.pop(), first.in_stride)
 
 
-def tap_channels(arch: Arch, tap: str) -> int:
-    """Channels of a tap's feature map."""
-    if tap == "final":
-        return arch.final_channels
-    kind, i = _TAP_RE.match(tap).groups()  # type: ignore[union-attr]
-    stage = arch.stages[int(i)]
-    if kind == "stage":
-        return stage.c_out
-    return stage.c_in * parse_op(stage.ops[0]).expansion  # type: ignore[union-attr]
+class TapBackbone(nn.Module):
+    """Stem → stages → final conv of ``arch``, the MBConv positions made by ``factory``; returns the taps.
+
+    ``stage_ops[i][j]`` is what layer ``j`` of stage ``i`` computes (one op, or a mixed layer's
+    candidates; skips already dropped). Attributes: ``taps``, ``output_stride``, ``layer_info`` (forward
+    order), ``feature_info`` and ``out_channels`` (both in tap order), modules ``stem``, ``stages``
+    (``nn.Sequential`` of plain layers, else ``nn.ModuleList``) and ``final`` (``None`` unless tapped).
+    The weights are initialised (:func:`init_weights`).
+    """
+
+    def __init__(self, arch: Arch, taps: Sequence[str], output_stride: int | None,
+                 stage_ops: Sequence[Sequence[Sequence[str]]], factory: LayerFactory) -> None:
+        super().__init__()
+        self.taps = tuple(taps)
+        self.output_stride = output_stride
+        parsed = [parse_tap(t, len(arch.stages)) for t in dict.fromkeys(self.taps)]
+        built = max((t.stage for t in parsed), default=len(arch.stages) - 1) + 1
+        has_final = any(t.kind == "final" for t in parsed)
+        if has_final and not arch.final_channels:
+            raise ArchError("tap 'final' asked for, but the architecture has no final 1x1 conv")
+
+        # plan: every layer's info, and where each stage's output comes from (module, stride)
+        stride = arch.stem_stride
+        per_stage: list[tuple[LayerInfo, ...]] = []
+        ends: list[tuple[str, int]] = []
+        last = "stem"
+        for i, (stage, (s, d), ops) in enumerate(zip(arch.stages[:built], stage_dilations(arch, output_stride),
+                                                     stage_ops)):
+            infos = []
+            for j, names in enumerate(ops):
+                first = j == 0
+                infos.append(LayerInfo(layer_module(i, j), stage.c_in if first else stage.c_out, stage.c_out,
+                                       s if first else 1, d, stride, (i, j), tuple(names)))
+                stride *= s if first else 1
+                last = infos[-1].module
+            per_stage.append(tuple(infos))
+            ends.append((last, stride))  # an empty (all-skip) stage passes the previous output on
+        self.feature_info = tuple(_tap_feature(t, arch, per_stage, ends) for t in parsed)
+        self.layer_info = (LayerInfo("stem", arch.in_channels, arch.stem_channels, arch.stem_stride, 1, 1),
+                           *(info for infos in per_stage for info in infos),
+                           *([LayerInfo("final", arch.stages[-1].c_out, arch.final_channels, 1, 1, stride)]
+                             if has_final else []))
+        self.out_channels = OrderedDict((f.tap.name, f.channels) for f in self.feature_info)
+        self._stage_infos = tuple(per_stage)
+        self._expand_taps = {f.tap.stage: f.tap.name for f in self.feature_info if f.tap.kind == "expand"}
+        self._stage_taps = {f.tap.stage: f.tap.name for f in self.feature_info if f.tap.kind == "stage"}
+        self._final_tap = next((f.tap.name for f in self.feature_info if f.tap.kind == "final"), None)
+
+        # build, in forward order
+        norm = dict(activation=arch.activation, bn_eps=arch.bn_eps)
+        self.stem = ConvBNAct(arch.in_channels, arch.stem_channels, 3, arch.stem_stride, **norm)
+        stages = []
+        for infos in per_stage:
+            made = [factory(info, arch.activation, arch.bn_eps) for info in infos]
+            stages.append(nn.Sequential(*made) if all(isinstance(m, MBConv) for m in made) else nn.ModuleList(made))
+        self.stages = nn.ModuleList(stages)
+        self.final = ConvBNAct(arch.stages[-1].c_out, arch.final_channels, 1, **norm) if has_final else None
+        init_weights(self)
+
+    def _runner(self) -> LayerRunner:
+        """How each layer runs in the coming forward (plain layers by default)."""
+        return run_plain
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        run = self._runner()
+        feats: OrderedDict[str, torch.Tensor] = OrderedDict()
+        x = self.stem(x)
+        for i, (stage, infos) in enumerate(zip(self.stages, self._stage_infos)):
+            for j, (layer, info) in enumerate(zip(stage, infos)):
+                tap = self._expand_taps.get(i) if j == 0 else None
+                x, hidden = run(info, layer, x, tap is not None)
+                if tap is not None:
+                    feats[tap] = hidden
+            if i in self._stage_taps:
+                feats[self._stage_taps[i]] = x
+        if self.final is not None:
+            feats[self._final_tap] = self.final(x)
+        return OrderedDict((t, feats[t]) for t in self.out_channels)
 
 
-class Backbone(nn.Module):
+class Backbone(TapBackbone):
     """MBConv backbone built from an :class:`Arch`; ``forward`` returns the requested taps."""
 
     def __init__(self, arch: Arch, taps: Sequence[str] = ("final",), output_stride: int | None = None) -> None:
-        super().__init__()
-        parse_taps(arch, taps)
+        super().__init__(arch, taps, output_stride, [[(o,) for o in s.ops if o != SKIP] for s in arch.stages],
+                         plain_layer)
         self.arch = arch
-        self.taps = tuple(taps)
-        self.out_channels = OrderedDict((t, tap_channels(arch, t)) for t in self.taps)
-        norm = dict(activation=arch.activation, bn_eps=arch.bn_eps)
-        self.stem = ConvBNAct(arch.in_channels, arch.stem_channels, 3, arch.stem_stride, **norm)
-        last_needed = max((self._stage_of(t) for t in self.taps), default=len(arch.stages) - 1)
-        stages = []
-        for stage, (stride, dilation) in list(zip(arch.stages, stage_dilations(arch, output_stride)))[:last_needed + 1]:
-            layers, c_in = [], stage.c_in
-            for j, name in enumerate(o for o in stage.ops if o != SKIP):
-                layers.append(MBConv(c_in, stage.c_out, parse_op(name), stride if j == 0 else 1, dilation, **norm))
-                c_in = stage.c_out
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.ModuleList(stages)
-        self.final = (ConvBNAct(arch.stages[-1].c_out, arch.final_channels, 1, **norm)
-                      if "final" in self.taps else None)
-        init_weights(self)
-
-    def _stage_of(self, tap: str) -> int:
-        return len(self.arch.stages) - 1 if tap == "final" else int(_TAP_RE.match(tap).group(2))  # type: ignore
-
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feats: OrderedDict[str, torch.Tensor] = OrderedDict()
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages):
-            for j, layer in enumerate(stage):
-                if j == 0 and f"expand{i}" in self.taps:
-                    x, feats[f"expand{i}"] = layer.forward_with_hidden(x)
-                else:
-                    x = layer(x)
-            if f"stage{i}" in self.taps:
-                feats[f"stage{i}"] = x
-        if self.final is not None:
-            feats["final"] = self.final(x)
-        return OrderedDict((t, feats[t]) for t in self.taps)
 
 
 class Classifier(nn.Module):
@@ -149,7 +284,7 @@ def stride_taps(arch: Arch, strides: Sequence[int]) -> tuple[str, ...]:
     """The output tap of the last stage at each cumulative stride (e.g. 8, 16, 32 for an FPN)."""
     at = {}
     for i, s in enumerate(arch.stage_strides()):
-        at[s] = f"stage{i}"
+        at[s] = Tap("stage", i).name
     missing = [s for s in strides if s not in at]
     if missing:
         raise ArchError(f"the architecture has no stage at stride(s) {missing}; it reaches {sorted(at)}")
@@ -160,5 +295,5 @@ def ssdlite_taps(arch: Arch) -> tuple[str, str]:
     """SSDLite taps: inside the first layer that reaches stride 32 (its expand output), and the final conv."""
     for i, s in enumerate(arch.stage_strides()):
         if s == 32 and arch.stages[i].stride == 2:
-            return f"expand{i}", "final"
+            return Tap("expand", i).name, Tap("final", len(arch.stages) - 1).name
     raise ArchError("SSDLite needs a stage that downsamples to stride 32")

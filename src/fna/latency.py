@@ -42,7 +42,7 @@ from fna.backbone import Backbone
 from fna.cost import CostTable
 from fna.errors import FnaError
 from fna.ops import MBConv
-from fna.supernet import SearchSpace, SinglePath, SuperBackbone
+from fna.supernet import SearchSpace, SearchSpaceError, SuperBackbone, arch_path
 from fna.tasks import build_model, get_task
 
 FORMAT = "fna-latency-table"
@@ -198,50 +198,31 @@ def table_parts(settings: LatencySettings) -> tuple[list[Part], list[list[list[s
     """Every entry of ``settings``' table (overhead first, then fixed parts, then candidates) and the
     candidate names per searched stage and layer.
 
-    Input shapes come from one forward of the task's super network on the ``meta`` device.
+    Input shapes come from the layer and tap info the task's super network records while building
+    (built on the ``meta`` device: no weights, no forward).
     """
     spec = get_task(settings.task)
     seed_arch, space = settings.seed_arch(), settings.search_space()
-    taps = spec.taps(seed_arch)
-    h, w = settings.size
     with torch.device("meta"):
-        backbone = SuperBackbone(seed_arch, space, taps, spec.output_stride)
-        model = spec.head(backbone, settings.classes).eval()
-    inputs: dict[str, tuple[int, ...]] = {}
-    tap_shapes: list[tuple[int, ...]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, key=key: inputs.__setitem__(key, tuple(a[0].shape)))
-             for key, m in [(f"{i}.{j}", mixed) for i in range(1, len(backbone.stages))
-                            for j, mixed in enumerate(backbone.stages[i])]
-             + ([("final", backbone.final)] if backbone.final is not None else [])]
-    hooks.append(backbone.register_forward_hook(lambda m, a, out: tap_shapes.extend(tuple(t.shape)
-                                                                                  for t in out.values())))
-    try:
-        with torch.no_grad():
-            model.dense_forward(torch.zeros(1, 3, h, w, device="meta"))
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    image = (1, 3, h, w)
-    a = seed_arch
+        backbone = SuperBackbone(seed_arch, space, spec.taps(seed_arch), spec.output_stride)
+    size, a = settings.size, seed_arch
+    image = (1, 3, *size)
     parts = [Part("overhead", _Overhead, [(1,)]),
              Part("stem", lambda: _seed_fixed(settings, "stem"), [image])]
     if backbone.final is not None:
-        parts.append(Part("final", lambda: _seed_fixed(settings, "final"), [inputs["final"]]))
+        final = backbone.layer_info[-1]
+        parts.append(Part("final", lambda: _seed_fixed(settings, "final"), [final.input_shape(size)]))
     out_channels = OrderedDict(backbone.out_channels)
     parts.append(Part("head", lambda: _HeadPart(settings.task, out_channels, settings.classes),
-                      [image, *tap_shapes]))
-    for i, layers in enumerate(backbone.candidates, start=1):
-        for j, names in enumerate(layers):
-            mixed = backbone.stages[i][j]
-            for k, name in enumerate(n for n in names if n != SKIP):
-                op = mixed.ops[k]
-                dw = op.depthwise.conv
-                c_in, c_out = inputs[f"{i}.{j}"][1], op.project.conv.out_channels
-                parts.append(Part(entry_name(i, j, name),
-                                  lambda c_in=c_in, c_out=c_out, name=name, s=dw.stride[0], d=dw.dilation[0]:
-                                  MBConv(c_in, c_out, parse_op(name), s, d, a.activation, bn_eps=a.bn_eps),
-                                  [inputs[f"{i}.{j}"]]))
+                      [image, *(f.shape(size) for f in backbone.feature_info)]))
+    for info in backbone.layer_info:
+        if info.position is None or info.position[0] == 0:  # stem, first block, final conv
+            continue
+        for name in (n for n in info.ops if n != SKIP):
+            parts.append(Part(entry_name(*info.position, name),
+                              lambda info=info, name=name: MBConv(info.c_in, info.c_out, parse_op(name), info.stride,
+                                                                  info.dilation, a.activation, bn_eps=a.bn_eps),
+                              [info.input_shape(size)]))
     return parts, [[list(n) for n in layers] for layers in backbone.candidates]
 
 
@@ -445,35 +426,13 @@ def _short(value: Any) -> str:
 
 # -- predictor and end-to-end check ---------------------------------------------------------------
 
-def arch_path(table: CostTable, seed_arch: Arch, arch: Arch) -> SinglePath:
-    """``arch``'s choice per searched position of ``table`` (fewer layers than the space: skips).
-
-    Raises :class:`LatencyError` when ``arch`` does not come from this seed and search space.
-    """
-    shape = [(s.c_in, s.c_out, s.stride, s.dilation) for s in seed_arch.stages]
-    if ([(s.c_in, s.c_out, s.stride, s.dilation) for s in arch.stages] != shape
-            or (arch.stem_channels, arch.final_channels) != (seed_arch.stem_channels, seed_arch.final_channels)
-            or arch.stages[0].ops != seed_arch.stages[0].ops):
-        raise LatencyError(f"architecture {arch.name or ''} does not share the table's seed stages, stem, first "
-                           f"block and final conv ({seed_arch.name or 'seed'})")
-    path = []
-    for i, (stage, layers) in enumerate(zip(arch.stages[1:], table.candidates), start=1):
-        ops = list(stage.ops) + [SKIP] * (len(layers) - len(stage.ops))
-        if len(ops) > len(layers):
-            raise LatencyError(f"stage {i} has {len(stage.ops)} layers; the table's space allows {len(layers)}")
-        try:
-            path.append([names.index(op) for op, names in zip(ops, layers)])
-        except ValueError:
-            bad = next((j, op) for j, (op, names) in enumerate(zip(ops, layers)) if op not in names)
-            raise LatencyError(f"stage {i} layer {bad[0]}: op {bad[1]} is not a candidate of the table there "
-                               f"({', '.join(layers[bad[0]])})") from None
-    return path
-
-
 def predict(table: CostTable, arch: Arch) -> float:
     """Predicted latency (ms) of ``arch``: the table's fixed part plus its ops' entries."""
-    seed = Arch.from_dict(table.key["seed_arch"])
-    return table.path_cost(arch_path(table, seed, arch))
+    try:
+        path = arch_path(arch, Arch.from_dict(table.key["seed_arch"]), table.candidates)
+    except SearchSpaceError as e:
+        raise LatencyError(f"the latency table does not hold this architecture: {e}") from None
+    return table.path_cost(path)
 
 
 def measure_arch(arch: Arch, settings: LatencySettings, warmup: int = 10, repeats: int = 50,

@@ -15,7 +15,6 @@ cost vs metric per budget; each ``arch_<budget>.json`` can be fine-tuned with ``
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,11 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fna.arch import SKIP, Arch
+from fna.arch import Arch
 from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.search import Search, SearchConfig, SearchError
-from fna.supernet import SinglePath
+from fna.supernet import SinglePath, arch_path
 from fna.tasks import build_model
 from fna.train import to_device
 
@@ -56,19 +55,17 @@ class ParetoPoint:
 def resolve_budgets(specs: list[str], table: CostTable, seed_arch: Arch) -> list[tuple[str, float]]:
     """``(label, budget)`` per spec, sorted by budget: a number in the table's unit, or ``0.75x`` for a
     fraction of the seed network's own cost in the table."""
-    from fna.latency import arch_path
-
     out = []
     for spec in specs:
         spec = spec.strip()
         try:
-            if spec.endswith("x"):
-                out.append((spec, float(spec[:-1]) * table.path_cost(arch_path(table, seed_arch, seed_arch))))
-            else:
-                out.append((spec, float(spec)))
+            value = float(spec[:-1] if spec.endswith("x") else spec)
         except ValueError:
             raise SearchError(f"Pareto budget {spec!r}: expected a number in the cost unit or a fraction of the "
                               "seed's cost such as 0.75x") from None
+        if spec.endswith("x"):
+            value *= table.path_cost(arch_path(seed_arch, seed_arch, table.candidates))
+        out.append((spec, value))
     if len(out) < 2:
         raise SearchError("a Pareto set needs at least two budgets")
     return sorted(out, key=lambda x: x[1])
@@ -77,32 +74,16 @@ def resolve_budgets(specs: list[str], table: CostTable, seed_arch: Arch) -> list
 def derived_model(search: Search, path: SinglePath) -> nn.Module:
     """A standalone task model on ``path``'s architecture carrying the super network's weights.
 
-    The chosen candidates give their conv weights (skips dropped, layers in canonical order); the
-    stem, first block, final conv, neck and head are the super network's. The chosen candidates' BN has
-    no affine parameters in the super network, so theirs start at weight 1, bias 0, as it behaved.
+    The backbone's weights are :meth:`~fna.supernet.SuperBackbone.derived_state_dict` (the chosen
+    candidates' convs, fresh BN where the candidates had none); neck and head are the super network's.
     """
     cfg = search.cfg
     model = build_model(cfg.task, search.backbone.path_arch(path), cfg.num_classes or search.spec.num_classes,
                         **cfg.model_kwargs)
-    prefix = next(name for name, m in search.model.named_modules() if m is search.backbone)
-    layer_at = {}
-    for i, choices in enumerate(path, start=1):
-        kept = [(j, k) for j, k in enumerate(choices) if search.backbone.candidates[i - 1][j][k] != SKIP]
-        layer_at.update({(i, j, k): n for n, (j, k) in enumerate(kept)})
-    searched = re.compile(rf"^{re.escape(prefix)}\.stages\.(\d+)\.(\d+)\.ops\.(\d+)\.(.*)$")
-    state = {}
-    for key, value in search.model.state_dict().items():
-        m = searched.match(key)
-        if m:
-            i, j, k, rest = int(m[1]), int(m[2]), int(m[3]), m[4]
-            if (i, j, k) in layer_at:
-                state[f"{prefix}.stages.{i}.{layer_at[i, j, k]}.{rest}"] = value
-        elif not key.startswith(f"{prefix}.alpha."):
-            state[key] = value
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(".bn." not in k for k in missing):
-        raise SearchError(f"derived model does not fit the super network's weights (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+    prefix = next(name for name, m in search.model.named_modules() if m is search.backbone) + "."
+    state = {k: v for k, v in search.model.state_dict().items() if not k.startswith(prefix)}
+    state.update({prefix + k: v for k, v in search.backbone.derived_state_dict(path).items()})
+    model.load_state_dict(state)
     return model.to(search.dist.device)
 
 

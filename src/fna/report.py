@@ -25,6 +25,7 @@ from matplotlib.patches import Patch, Rectangle
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, load_arch, parse_op
 from fna.checkpoint import write_text_atomic
 from fna.cost import COST_UNITS
+from fna.supernet import alpha_probs
 
 PLOTS = ("arch.png", "alpha.png", "curves.png", "lambda.png")
 REMAP_ROWS = 12  # layers of remap_report.md shown in the report
@@ -264,26 +265,12 @@ def plot_archs(rows: list[tuple[str, Arch]], path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
-    z = np.exp((x - x.max(axis=-1, keepdims=True)) / temperature)
-    return z / z.sum(axis=-1, keepdims=True)
-
-
-def layer_probs(alpha: dict[str, list], n_stages: int, temperature: float) -> list[list[np.ndarray]]:
-    """softmax(α / T) per searched stage and layer from the ``s{i}_first`` / ``s{i}_rest`` parameters."""
-    out = []
-    for i in range(1, n_stages + 1):
-        rows = [np.asarray(alpha[f"s{i}_first"], dtype=float)[0]]
-        rows += [np.asarray(r, dtype=float) for r in alpha.get(f"s{i}_rest", [])]
-        out.append([_softmax(r, temperature) for r in rows])
-    return out
-
-
 def plot_alphas(history: list[dict[str, Any]], candidates: list[list[list[str]]], temperature: float,
                 arch_start: int | None, path: Path) -> None:
     """Top: per searched stage, layers × candidates of softmax(α) at the last epoch (argmax outlined).
     Bottom: every layer's highest probability over the epochs, with its op named where the argmax changes."""
-    probs_by_epoch = [layer_probs(h["alpha"], len(candidates), temperature) for h in history]
+    probs_by_epoch = [[[p.numpy() for p in stage] for stage in alpha_probs(h["alpha"], temperature)]
+                      for h in history]
     final = probs_by_epoch[-1]
     columns = [list(dict.fromkeys(n for layer in sorted(stage, key=len, reverse=True) for n in layer))
                for stage in candidates]

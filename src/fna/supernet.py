@@ -1,11 +1,12 @@
 """Search space and super network (SPEC §2): mixed MBConv layers over the seed's searched stages.
 
 A :class:`SearchSpace` says, per searched stage (``arch.stages[1:]`` of the seed), how many layers it
-has and which ops each layer chooses from. :class:`SuperBackbone` builds it: the stem, the fixed first
+has and which ops each layer chooses from. :class:`SuperBackbone` is built by the backbone builder
+(:class:`~fna.backbone.TapBackbone`) with the :func:`mixed_layer` factory: the stem, the fixed first
 block and the final 1x1 conv are ordinary layers (affine BN, running statistics); every searched
 layer is a :class:`MixedLayer` of MBConv candidates whose BN has no affine parameters and no running
-statistics, plus ``skip`` where allowed. It has :class:`~fna.backbone.Backbone`'s interface (``taps``,
-``out_channels``, ``forward`` → ordered dict of taps) so every task head takes it unchanged.
+statistics, plus ``skip`` where allowed. It shares :class:`~fna.backbone.Backbone`'s interface,
+recorded layer and tap info and forward, so every task head takes it unchanged.
 
 Forward modes are state of the network, not wrappers swapped in per step:
 
@@ -14,14 +15,17 @@ Forward modes are state of the network, not wrappers swapped in per step:
   architecture distribution;
 * ``set_path(None)`` — every candidate runs, outputs weighted by ``softmax(α / temperature)``.
 
-A path is a list per searched stage of candidate indices per layer (JSON-friendly).
+A path is a list per searched stage of candidate indices per layer (JSON-friendly). The super network
+owns the maps between paths, architectures and weights: :meth:`SuperBackbone.path_arch` and its
+inverse :func:`arch_path` (which needs only the candidates, e.g. a cost table's),
+:meth:`SuperBackbone.derived_state_dict` (a path's standalone backbone weights) and :func:`alpha_probs`
+(per-layer probabilities from α, a module's or as stored in ``alpha_history.json``).
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,9 +33,10 @@ import torch
 from torch import nn
 
 from fna.arch import SKIP, Arch, ArchError, Op, parse_op
-from fna.backbone import _TAP_RE, Backbone, init_weights, parse_taps, stage_dilations, tap_channels
+from fna.backbone import (Backbone, LayerInfo, LayerRunner, TapBackbone, layer_module, parse_tap, plain_layer,
+                          run_plain)
 from fna.errors import FnaError
-from fna.ops import ConvBNAct, MBConv
+from fna.ops import MBConv
 from fna.remap import depth_source, remap_conv_bn, remap_layer
 
 SinglePath = list[list[int]]  # per searched stage, per layer: index into that layer's candidates
@@ -118,11 +123,15 @@ class SearchSpace:
         if len(seed.stages) - 1 != len(self.stages):
             raise SearchSpaceError(f"search space {self.name!r} has {len(self.stages)} searched stages, seed "
                                    f"{seed.name or 'arch'} has {len(seed.stages) - 1} (all stages but the first)")
+        try:
+            tapped = {t.stage for t in (parse_tap(name, len(seed.stages)) for name in taps) if t.kind == "expand"}
+        except ArchError as e:
+            raise SearchSpaceError(str(e)) from None
         out = []
         for i, space in enumerate(self.stages, start=1):
             layers = []
             for j in range(space.max_depth):
-                if j == 0 and f"expand{i}" in taps:
+                if j == 0 and i in tapped:
                     widest = max(space.expansions)
                     if widest == 1:
                         raise SearchSpaceError(f"tap 'expand{i}' needs an expand conv, but stage {i} only "
@@ -176,7 +185,75 @@ class MixedLayer(nn.Module):
         return out, (hidden if want_hidden else None)
 
 
-class SuperBackbone(nn.Module):
+def mixed_layer(info: LayerInfo, activation: str, bn_eps: float) -> nn.Module:
+    """The layer factory of :class:`SuperBackbone`: the fixed first block plain, every searched layer mixed."""
+    if info.position[0] == 0:  # type: ignore[index]
+        return plain_layer(info, activation, bn_eps)
+    return MixedLayer(info.c_in, info.c_out, info.ops, info.stride, info.dilation, activation, bn_eps)
+
+
+def alpha_logits(alpha: Mapping[str, Any]) -> list[list[torch.Tensor]]:
+    """α per searched stage and layer from ``s{i}_first`` [1, C] / ``s{i}_rest`` [L-1, C+1] entries.
+
+    Tensors stay as they are (views, so gradients flow); lists (α as stored in ``alpha_history.json``)
+    become float64 tensors.
+    """
+    def rows(v: Any) -> list[torch.Tensor]:
+        return list((v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)).unbind(0))
+
+    out, i = [], 1
+    while f"s{i}_first" in alpha:
+        out.append(rows(alpha[f"s{i}_first"]) + (rows(alpha[f"s{i}_rest"]) if f"s{i}_rest" in alpha else []))
+        i += 1
+    return out
+
+
+def alpha_probs(alpha: Mapping[str, Any], temperature: float) -> list[list[torch.Tensor]]:
+    """``softmax(α / temperature)`` per searched stage and layer (α as in :func:`alpha_logits`)."""
+    return [[torch.softmax(a / temperature, dim=0) for a in stage] for stage in alpha_logits(alpha)]
+
+
+def arch_path(arch: Arch, seed_arch: Arch, candidates: Sequence[Sequence[Sequence[str]]]) -> SinglePath:
+    """The path of ``arch`` among ``candidates`` (per searched stage and layer), the inverse of
+    :meth:`SuperBackbone.path_arch`: the index of each layer's op, skip past the stage's depth.
+
+    Raises :class:`SearchSpaceError` when ``arch`` does not come from ``seed_arch`` and these candidates.
+    """
+    shape = [(s.c_in, s.c_out, s.stride, s.dilation) for s in seed_arch.stages]
+    if ([(s.c_in, s.c_out, s.stride, s.dilation) for s in arch.stages] != shape
+            or (arch.stem_channels, arch.final_channels) != (seed_arch.stem_channels, seed_arch.final_channels)
+            or arch.stages[0].ops != seed_arch.stages[0].ops):
+        raise SearchSpaceError(f"architecture {arch.name or ''} does not share the seed's stages, stem, first "
+                               f"block and final conv ({seed_arch.name or 'seed'})")
+    path = []
+    for i, (stage, layers) in enumerate(zip(arch.stages[1:], candidates), start=1):
+        ops = list(stage.ops) + [SKIP] * (len(layers) - len(stage.ops))
+        if len(ops) > len(layers):
+            raise SearchSpaceError(f"stage {i} has {len(stage.ops)} layers; the search space allows {len(layers)}")
+        try:
+            path.append([list(names).index(op) for op, names in zip(ops, layers)])
+        except ValueError:
+            bad = next((j, op) for j, (op, names) in enumerate(zip(ops, layers)) if op not in names)
+            raise SearchSpaceError(f"stage {i} layer {bad[0]}: op {bad[1]} is not a candidate of the search space "
+                                   f"there ({', '.join(layers[bad[0]])})") from None
+    return path
+
+
+def _plain_state(layer: MBConv, prefix: str) -> dict[str, torch.Tensor]:
+    """A searched candidate's tensors as the same layer built plain holds them: its conv weights, and
+    for each of its stateless BN a fresh affine BN with running statistics (γ 1, β 0, mean 0, var 1)."""
+    like = next(layer.parameters())
+    state = {}
+    for name, m in layer.named_modules(prefix=prefix):
+        if next(m.children(), None) is not None:
+            continue
+        if isinstance(m, nn.BatchNorm2d) and not m.affine:
+            m = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, device=like.device, dtype=like.dtype)
+        state.update(m.state_dict(prefix=f"{name}."))
+    return state
+
+
+class SuperBackbone(TapBackbone):
     """Super network over ``seed``'s searched stages; a :class:`~fna.backbone.Backbone` look-alike.
 
     Modules: ``stem``, ``stages[0]`` (the fixed first block, ``nn.Sequential`` of MBConv),
@@ -186,53 +263,26 @@ class SuperBackbone(nn.Module):
 
     def __init__(self, seed_arch: Arch, space: SearchSpace, taps: Sequence[str] = ("final",),
                  output_stride: int | None = None, temperature: float = 1.0, alpha_std: float = 1e-3) -> None:
-        super().__init__()
-        self.seed_arch = seed_arch
-        self.space = space
-        self.taps = tuple(taps)
-        self.temperature = float(temperature)
-        self.candidates = space.candidates(seed_arch, self.taps)
-        self.arch = self._reference_arch()
+        candidates = space.candidates(seed_arch, taps)
+        n = len(seed_arch.stages)
+        if all(parse_tap(t, n).stage != n - 1 for t in taps):
+            raise SearchSpaceError(f"taps {list(taps)} do not reach the last stage: the stages after the "
+                                   "last tap would be searched without ever being trained")
+        fixed = [(o,) for o in seed_arch.stages[0].ops if o != SKIP]
         try:
-            parse_taps(self.arch, self.taps)
+            super().__init__(seed_arch, taps, output_stride, [fixed, *candidates], mixed_layer)
         except ArchError as e:
             raise SearchSpaceError(str(e)) from None
-        if not any(t == "final" or int(_TAP_RE.match(t).group(2)) == len(seed_arch.stages) - 1  # type: ignore
-                   for t in self.taps):
-            raise SearchSpaceError(f"taps {list(self.taps)} do not reach the last stage: the stages after the "
-                                   "last tap would be searched without ever being trained")
-        self.out_channels = OrderedDict((t, tap_channels(self.arch, t)) for t in self.taps)
-        a = seed_arch
-        norm = dict(activation=a.activation, bn_eps=a.bn_eps)
-        strides = stage_dilations(a, output_stride)
-        self.stem = ConvBNAct(a.in_channels, a.stem_channels, 3, a.stem_stride, **norm)
-        first, (stride, dilation) = a.stages[0], strides[0]
-        fixed, c_in = [], first.c_in
-        for j, name in enumerate(o for o in first.ops if o != SKIP):
-            fixed.append(MBConv(c_in, first.c_out, parse_op(name), stride if j == 0 else 1, dilation, **norm))
-            c_in = first.c_out
-        stages: list[nn.Module] = [nn.Sequential(*fixed)]
-        for stage, (stride, dilation), layers in zip(a.stages[1:], strides[1:], self.candidates):
-            stages.append(nn.ModuleList(
-                MixedLayer(c_in if j == 0 else stage.c_out, stage.c_out, names, stride if j == 0 else 1,
-                           dilation, **norm)
-                for j, names in enumerate(layers)))
-            c_in = stage.c_out
-        self.stages = nn.ModuleList(stages)
-        self.final = ConvBNAct(a.stages[-1].c_out, a.final_channels, 1, **norm) if "final" in self.taps else None
-        init_weights(self)
+        self.seed_arch = seed_arch
+        self.space = space
+        self.temperature = float(temperature)
+        self.candidates = candidates
         self.alpha = nn.ParameterDict()
         for i, layers in enumerate(self.candidates, start=1):
             self.alpha[f"s{i}_first"] = nn.Parameter(alpha_std * torch.randn(1, len(layers[0])))
             if len(layers) > 1:
                 self.alpha[f"s{i}_rest"] = nn.Parameter(alpha_std * torch.randn(len(layers) - 1, len(layers[1])))
         self.path: SinglePath | None = None
-
-    def _reference_arch(self) -> Arch:
-        """The seed with each searched layer set to its widest candidate (for tap checks and widths)."""
-        ops = [[max((o for o in names if o != SKIP), key=lambda n: parse_op(n).expansion) for names in layers]
-               for layers in self.candidates]
-        return self.seed_arch.with_ops(ops)
 
     # -- construction from a seed ---------------------------------------------------------------
     @classmethod
@@ -272,25 +322,23 @@ class SuperBackbone(nn.Module):
 
     def layer_logits(self) -> list[list[torch.Tensor]]:
         """α per searched stage and layer (views, so gradients flow)."""
-        out = []
-        for i, layers in enumerate(self.candidates, start=1):
-            rows = [self.alpha[f"s{i}_first"][0]]
-            if len(layers) > 1:
-                rows += list(self.alpha[f"s{i}_rest"].unbind(0))
-            out.append(rows)
-        return out
+        return alpha_logits(self.alpha)
 
     def layer_probs(self) -> list[list[torch.Tensor]]:
         """``softmax(α / temperature)`` per searched stage and layer."""
-        return [[torch.softmax(a / self.temperature, dim=0) for a in stage] for stage in self.layer_logits()]
+        return alpha_probs(self.alpha, self.temperature)
 
-    # -- forward modes --------------------------------------------------------------------------
+    # -- paths, architectures and weights -------------------------------------------------------
+    def _check_path(self, path: SinglePath) -> None:
+        """Raise :class:`SearchSpaceError` unless ``path`` picks one candidate of every searched layer."""
+        if [len(p) for p in path] != [len(c) for c in self.candidates] or any(
+                not 0 <= k < len(names) for p, c in zip(path, self.candidates) for k, names in zip(p, c)):
+            raise SearchSpaceError(f"path {path} does not fit the search space")
+
     def set_path(self, path: SinglePath | None) -> None:
         """Run only ``path`` from now on (single path), or every candidate weighted (``None``)."""
         if path is not None:
-            if [len(p) for p in path] != [len(c) for c in self.candidates] or any(
-                    not 0 <= k < len(names) for p, c in zip(path, self.candidates) for k, names in zip(p, c)):
-                raise SearchSpaceError(f"path {path} does not fit the search space")
+            self._check_path(path)
         self.path = path
 
     def sample_path(self, generator: torch.Generator | None = None, uniform: bool = False) -> SinglePath:
@@ -307,6 +355,10 @@ class SuperBackbone(nn.Module):
         ops = [[names[k] for k, names in zip(p, layers)] for p, layers in zip(path, self.candidates)]
         return self.seed_arch.with_ops(ops).canonical()
 
+    def arch_path(self, arch: Arch) -> SinglePath:
+        """The path of ``arch`` (see :func:`arch_path`); :meth:`path_arch` of it builds ``arch``'s network."""
+        return arch_path(arch, self.seed_arch, self.candidates)
+
     def argmax_path(self) -> SinglePath:
         """The most likely candidate of every layer."""
         return [[int(a.argmax()) for a in stage] for stage in self.layer_logits()]
@@ -315,26 +367,40 @@ class SuperBackbone(nn.Module):
         """Argmax per layer, skips sorted to the stage end."""
         return self.path_arch(self.argmax_path())
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feats: OrderedDict[str, torch.Tensor] = OrderedDict()
-        x = self.stem(x)
-        for j, layer in enumerate(self.stages[0]):
-            if j == 0 and "expand0" in self.taps:
-                x, feats["expand0"] = layer.forward_with_hidden(x)
-            else:
-                x = layer(x)
-        if "stage0" in self.taps:
-            feats["stage0"] = x
-        probs = self.layer_probs() if self.path is None else None
-        for i in range(1, len(self.stages)):
-            for j, mixed in enumerate(self.stages[i]):
-                want = j == 0 and f"expand{i}" in self.taps
-                choice = self.path[i - 1][j] if self.path is not None else None
-                x, hidden = mixed(x, choice, probs[i - 1][j] if probs is not None else None, want)
-                if want:
-                    feats[f"expand{i}"] = hidden
-            if f"stage{i}" in self.taps:
-                feats[f"stage{i}"] = x
-        if self.final is not None:
-            feats["final"] = self.final(x)
-        return OrderedDict((t, feats[t]) for t in self.taps)
+    def derived_state_dict(self, path: SinglePath) -> dict[str, torch.Tensor]:
+        """The state dict of ``Backbone(path_arch(path), taps, output_stride)`` with this network's weights.
+
+        Stem, first block and final conv are this network's; searched layer ``j`` of a stage takes its
+        chosen candidate's convs (skips dropped, so later layers move up as in :meth:`path_arch`). The
+        candidates' BN has no parameters or statistics, so the derived BN is fresh (γ 1, β 0, mean 0,
+        var 1): what the candidate computed with in train mode.
+        """
+        self._check_path(path)
+        modules = dict(self.named_modules())
+        state: dict[str, torch.Tensor] = {}
+        kept = [0] * len(self.stages)
+        for info in self.layer_info:
+            if info.position is None or info.position[0] == 0:  # stem, first block, final conv
+                state.update(modules[info.module].state_dict(prefix=f"{info.module}."))
+                continue
+            i, j = info.position
+            k = path[i - 1][j]
+            if info.ops[k] != SKIP:
+                state.update(_plain_state(modules[info.module].ops[k], layer_module(i, kept[i])))
+                kept[i] += 1
+        return state
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _runner(self) -> LayerRunner:
+        """Searched layers run the set path's candidate, or (no path) all candidates weighted by
+        ``softmax(α / temperature)``, computed once per forward."""
+        path, probs = self.path, (self.layer_probs() if self.path is None else None)
+
+        def run(info: LayerInfo, layer: nn.Module, x: torch.Tensor, want_hidden: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            i, j = info.position  # type: ignore[misc]
+            if i == 0:
+                return run_plain(info, layer, x, want_hidden)
+            return layer(x, path[i - 1][j] if path is not None else None,
+                         probs[i - 1][j] if probs is not None else None, want_hidden)
+        return run
