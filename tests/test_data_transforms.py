@@ -11,7 +11,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from fna.data import (det_collate, det_eval_transforms, retinanet_train_transforms, seg_collate,
                       seg_eval_transforms, seg_train_transforms, split_by_image, ssdlite_train_transforms)
 from fna.data.transforms import ResizeWithin, detector_resize_size
-from fna.tasks.detection import IMAGENET_MEAN, IMAGENET_STD
+from fna.data.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _det_sample(h: int = 30, w: int = 40) -> tuple[tv_tensors.Image, dict]:

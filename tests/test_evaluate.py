@@ -10,8 +10,8 @@ from data_fixtures import write_rgb
 from fna.data.demo import write_demo
 from fna.data.detection import open_detection
 from fna.data.transforms import det_eval_transforms
-from fna.evaluate import (COCO_STATS, evaluate_detection, evaluate_segmentation, format_metric, iou_from_confusion,
-                          metric_lines, sliding_window_logits)
+from fna.evaluate import COCO_STATS, evaluate_detection, evaluate_segmentation, iou_from_confusion, sliding_window_logits
+from fna.tasks import get_task
 from fna.tasks import build_model
 
 
@@ -196,10 +196,10 @@ def test_segmentation_split_without_labelled_pixels_has_undefined_miou(tiny_arch
 
 
 def test_undefined_metrics_print_why():
-    assert format_metric(None, "ssdlite") == "undefined: the split has no annotated boxes"
-    assert format_metric(None, "seg") == "undefined: the split has no labelled pixels"
-    assert format_metric(0.25, "seg") == "0.2500"
-    lines = metric_lines({"AP": 0.5, "APl": None, "per_class_iou": {}}, "retinanet")
+    assert get_task("ssdlite").format_metric(None) == "undefined: the split has no annotated boxes"
+    assert get_task("seg").format_metric(None) == "undefined: the split has no labelled pixels"
+    assert get_task("seg").format_metric(0.25) == "0.2500"
+    lines = get_task("retinanet").metric_lines({"AP": 0.5, "APl": None, "per_class_iou": {}})
     assert lines == ["AP: 0.5000", "APl: undefined: the split has no boxes of this size"]
-    assert metric_lines({"AP": None, "APs": None}, "retinanet") == [
+    assert get_task("retinanet").metric_lines({"AP": None, "APs": None}) == [
         "AP: undefined: the split has no annotated boxes", "APs: undefined: the split has no annotated boxes"]

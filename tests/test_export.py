@@ -18,7 +18,8 @@ from fna.arch import Arch, Stage
 from fna.artifact import load_model, save_model
 from fna.cli import app, main
 from fna.errors import FnaError
-from fna.export import ExportReport, compare_detections, compare_segmentation, sample_image
+from fna.export import ExportReport, sample_image
+from fna.parity import compare_detections, compare_segmentation
 from fna.tasks import build_model
 
 CLASSES = ["circle", "square", "triangle"]

@@ -6,7 +6,7 @@ from torch.utils.data import Dataset
 
 from fna.errors import FnaError
 from fna.tasks import build_model, get_task
-from fna.train import TrainConfig, fit, paper_recipe
+from fna.train import TrainConfig, fit
 from fna.training import LossGuard, ResumableSampler, batches, make_scheduler
 
 
@@ -69,8 +69,8 @@ def test_cosine_schedule_follows_the_half_cosine():
 
 
 def test_paper_recipe_scales_lr_with_batch():
-    assert paper_recipe("seg", 8, 1000).lr == pytest.approx(0.005)
-    assert paper_recipe("ssdlite", 64, 1000).optimizer == "rmsprop"
+    assert get_task("seg").recipe(8, 1000).lr == pytest.approx(0.005)
+    assert get_task("ssdlite").recipe(64, 1000).optimizer == "rmsprop"
 
 
 def test_sampler_shards_and_resumes_mid_epoch():

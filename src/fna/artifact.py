@@ -16,9 +16,9 @@ from torch import nn
 
 from fna.arch import Arch, ArchError
 from fna.checkpoint import load, save_atomic
-from fna.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fna.data.base import IMAGENET_MEAN, IMAGENET_STD
 from fna.errors import FnaError
-from fna.tasks import build_model
+from fna.tasks import build_model, get_task
 
 FORMAT = "fna-model"
 FORMAT_VERSION = 1
@@ -71,8 +71,7 @@ def save_model(path: str | Path, model: nn.Module, task: str, arch: Arch, class_
         "task": task, "arch": arch.to_dict(), "class_names": list(class_names), "model_kwargs": model_kwargs or {},
         "seed": seed or {}, "config": config or {},
         "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                          "input": "RGB float in [0, 1]" + (", normalised by mean/std" if task == "seg" else
-                                                            "; the detector normalises and resizes itself")},
+                          "input": get_task(task).preprocessing},
         "state_dict": model.state_dict()}, path)
 
 

@@ -207,19 +207,21 @@ def evaluate(model: Annotated[Path, typer.Argument(help="model.fna.pt")], data: 
     """Evaluate a saved model (mIoU or COCO mAP) on a dataset split."""
     from fna import dist
     from fna.artifact import load_model
-    from fna.evaluate import metric_lines
-    from fna.pipeline import EvalConfig, eval_dataset, evaluate_model
+    from fna.evaluate import EvalConfig
+    from fna.pipeline import eval_dataset
+    from fna.tasks import get_task
 
     net, info = load_model(model)
+    task = get_task(info.task)
     dataset = eval_dataset(info.task, data, fmt, split, skip_bad)
     for line in class_mismatch(tuple(info.class_names), tuple(dataset.class_names), model, data):
         Console(stderr=True).print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
-    metrics = evaluate_model(info.task, net, dataset, EvalConfig(window=window, flip=flip),
-                             dist.resolve_device(device), info.num_classes, tuple(info.class_names))
+    metrics = task.evaluate(net, dataset, EvalConfig(window=window, flip=flip), dist.resolve_device(device),
+                            tuple(info.class_names))
     if as_json:
         print(json.dumps(metrics))
         return
-    for line in metric_lines(metrics, info.task):
+    for line in task.metric_lines(metrics):
         console.print(line, markup=False, highlight=False)
     if "per_class_iou" in metrics:
         console.print(", ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in metrics["per_class_iou"].items()),
@@ -318,20 +320,13 @@ def search_cmd(
     """Architecture adaptation only: search the super network on --data and write the derived arch to --out."""
     from omegaconf import OmegaConf
 
-    from fna.data import (det_collate, open_detection, open_segmentation, retinanet_train_transforms, seg_collate,
-                          seg_train_transforms, ssdlite_train_transforms)
     from fna.pipeline import load_config
     from fna.search import SearchConfig, search
     from fna.tasks import get_task
 
     run = load_config(None, [], task=task, data={"root": str(data), "format": fmt}, size=size)
-    if task == "seg":
-        dataset = open_segmentation(data, fmt, split, seg_train_transforms(run.input_size, run.scale), skip_bad)
-        collate = seg_collate
-    else:
-        h, w = run.input_size
-        tf = retinanet_train_transforms(h, w) if task == "retinanet" else ssdlite_train_transforms(h)
-        dataset, collate = open_detection(data, fmt, split, tf, skip_bad), det_collate
+    dataset = run.spec.open_dataset(data, fmt, split, run.input_size, run.scale, skip_bad)
+    collate = run.spec.collate
     fields = {"seed": seed, "seed_weights": seed_weights, "model_kwargs": run.model_kwargs(),
               "num_classes": len(dataset.class_names),
               "budget_madds": budget_madds, "budget_latency_ms": budget_latency_ms,
@@ -376,16 +371,15 @@ def _data_cost_size(run: RunConfig, data: Path, fmt: str, splits: tuple[str, str
     except DataError as e:
         sample, note = eval_dataset(run.task, data, fmt, splits[1], skip_bad), f"{splits[1]} split ({splits[0]}: {e})"
     h, w = run.input_size
-    how = "its first image's size: segmentation runs on whole images" if run.task == "seg" else \
-        f"the network's input for its first image at --size {h} {w}"
+    how = f"the network's input for its first image at --size {h} {w} ({run.spec.input_rule})"
     return data_input_size(run, sample), f"{note}, {how}; as in fna adapt"
 
 
 def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Callable, data: Path, fmt: str,
             val_split: str, skip_bad: bool, out: Path, resume: bool) -> None:
     """Run a Pareto search (see :mod:`fna.pareto`) and print its set."""
-    from fna.evaluate import format_metric
     from fna.pareto import pareto_search
+    from fna.tasks import get_task
     from fna.pipeline import eval_dataset
 
     val = eval_dataset(cfg.task, data, fmt, val_split, skip_bad)
@@ -395,7 +389,7 @@ def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Ca
         table.add_column(col)
     scale, unit = (1e-9, " GMAdds") if points[0].unit == "madds" else (1.0, " ms")
     for p in points:
-        table.add_row(escape(p.label), f"{p.cost * scale:.4g}{unit}", format_metric(p.metric, cfg.task),
+        table.add_row(escape(p.label), f"{p.cost * scale:.4g}{unit}", get_task(cfg.task).format_metric(p.metric),
                       escape(str(p.arch_file)))
     console.print(table)
     console.print(f"wrote {out / 'pareto' / 'pareto.json'} and pareto.png; fine-tune one with "

@@ -18,6 +18,8 @@ from torch import nn
 
 from fna.checkpoint import write_text_atomic
 from fna.errors import FnaError
+from fna.supernet import SuperBackbone
+from fna.tasks import build_model, get_task
 
 
 @dataclass
@@ -97,8 +99,6 @@ def model_cost(task: str, arch, size: tuple[int, int] | None = None, num_classes
 
     ``device="meta"`` counts from shapes alone, without computing anything (same numbers, much faster).
     """
-    from fna.tasks import build_model, get_task
-
     spec = get_task(task)
     with torch.device(device):
         model = build_model(task, arch, num_classes)
@@ -223,9 +223,6 @@ def task_cost_table(task: str, seed_arch, space, size: tuple[int, int] | None = 
 
     Built on the ``meta`` device: only shapes are computed, so the paper's sizes cost well under a second.
     """
-    from fna.supernet import SuperBackbone
-    from fna.tasks import get_task
-
     spec = get_task(task)
     h, w = size or spec.paper_size
     with torch.device("meta"):
@@ -240,8 +237,6 @@ def task_cost_table(task: str, seed_arch, space, size: tuple[int, int] | None = 
 def cost_table_key(task: str, seed_arch, space, size: tuple[int, int] | None = None,
                    num_classes: int | None = None) -> dict[str, Any]:
     """What a cached :func:`task_cost_table` depends on, as plain JSON data."""
-    from fna.tasks import get_task
-
     spec = get_task(task)
     key = {"task": task, "size": list(size or spec.paper_size), "num_classes": num_classes or spec.num_classes,
            "seed_arch": seed_arch.to_dict(), "space": space.to_dict()}

@@ -31,19 +31,10 @@ from fna.arch import BUILTIN_ARCHS
 from fna.checkpoint import write_text_atomic
 from fna.cost import model_cost
 from fna.data.demo import write_demo
-from fna.evaluate import format_metric
 from fna.pipeline import load_config, run
 from fna.seeds import load_seed
+from fna.tasks import TASKS, get_task
 
-PAPER = {  # (task, arch): (MAdds, params) — the paper's counted models (SPEC §6)
-    ("cls", "mobilenet_v2"): (300_774_272, 3_504_872),
-    ("seg", "mobilenet_v2"): (24_521_711_616, 2_567_507),
-    ("seg", "fna_deeplabv3"): (24_174_895_104, 2_466_419),
-    ("retinanet", "mobilenet_v2"): (133_053_449_976, 11_488_244),
-    ("retinanet", "fna_retinanet"): (133_029_704_376, 11_732_244),
-    ("ssdlite", "mobilenet_v2"): (808_218_304, 4_322_988),
-    ("ssdlite", "fna_ssdlite"): (880_333_504, 4_630_316),
-}
 
 IMAGE_SIZE = 96
 # Per task: data format, input size, search and fine-tuning settings sized for a few minutes on 2 CPU
@@ -52,7 +43,7 @@ IMAGE_SIZE = 96
 _SEARCH = {"epochs": 6, "arch_start_epoch": 3, "batch_size": 8, "arch_lr": 3e-3, "weight_steps_per_arch_step": 1,
            "warmup_iters": 5}
 _FINETUNE = {"iters": 400, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4}
-TASKS = {
+DEMO_TASKS = {
     "seg": {"format": "folder", "size": [IMAGE_SIZE, IMAGE_SIZE], "search": _SEARCH, "finetune": _FINETUNE},
     "ssdlite": {"format": "coco", "size": [IMAGE_SIZE, IMAGE_SIZE], "search": _SEARCH, "finetune": _FINETUNE},
 }
@@ -87,7 +78,8 @@ def madds_table(console: Console) -> list[dict]:
     for col in ("task", "arch", "MAdds", "paper", "Δ", "params", "paper ", "Δ "):
         table.add_column(col, justify="left" if col in ("task", "arch") else "right")
     rows = []
-    for (task, arch), (p_madds, p_params) in PAPER.items():
+    counted = [(name, arch, paper) for name, task in TASKS.items() for arch, paper in task.paper_costs.items()]
+    for task, arch, (p_madds, p_params) in counted:
         cost = model_cost(task, BUILTIN_ARCHS[arch])
         rows.append({"task": task, "arch": arch, "madds": cost.madds, "params": cost.params,
                      "paper_madds": p_madds, "paper_params": p_params})
@@ -109,9 +101,9 @@ def _scaled(settings: dict, scale: float) -> dict:
 def run_task(task: str, data: Path, out: Path, scale: float, seed_weights: str | None, resume: bool,
              console: Console) -> list[dict]:
     """The three variants of one task; one summary row each."""
-    spec = TASKS[task]
+    spec = DEMO_TASKS[task]
     # As in the paper, the search targets the seed's own cost, so (b) and (a) compare at equal MAdds.
-    num_classes = len((data / "classes.txt").read_text().split()) - (task != "seg")  # detectors: no background
+    num_classes = len(get_task(task).open_dataset(data, spec["format"], "train").class_names)
     budget = model_cost(task, BUILTIN_ARCHS["mobilenet_v2"], tuple(spec["size"]), num_classes).madds
     rows = []
     for variant, (arch, init) in VARIANTS.items():
@@ -144,19 +136,19 @@ def run_demo(out: Path, seed_weights: str | None = None, scale: float = 1.0, res
     counts = write_demo(data, n_train=round(96 * scale), n_val=round(32 * scale), size=IMAGE_SIZE, seed=0)
     console.print(f"demo dataset: {counts['train_images']} train / {counts['val_images']} val images in {data}")
     rows = []
-    for task in TASKS:
+    for task in DEMO_TASKS:
         rows += run_task(task, data, out, scale, seed_weights, resume, console)
     table = Table(title=f"FNA demo · identical fine-tuning budget per task · scale {scale}")
     for col in ("task", "variant", "metric", "MAdds", "params", "seconds"):
         table.add_column(col, justify="left" if col in ("task", "variant") else "right")
     for r in rows:
-        table.add_row(r["task"], r["variant"], f"{r['metric_name']} {format_metric(r['metric'], r['task'])}", f"{r['madds'] / 1e6:.1f}M",
+        table.add_row(r["task"], r["variant"], f"{r['metric_name']} {get_task(r['task']).format_metric(r['metric'])}", f"{r['madds'] / 1e6:.1f}M",
                       f"{r['params'] / 1e6:.3f}M", f"{r['seconds']:.0f}")
     console.print(table)
     summary = {"rows": rows, "scale": scale, "seconds": round(time.perf_counter() - t0, 1),
                "random_seeds": 1, **checks}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    for task in TASKS:
+    for task in DEMO_TASKS:
         report = out / task / "fna" / "report.html"
         if report.exists():
             console.print(f"report: {report}")

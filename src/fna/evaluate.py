@@ -2,7 +2,7 @@
 
 A metric the split cannot define is ``None`` (``null`` in JSON), never 0.0: mIoU and pixel accuracy of
 a split without a labelled pixel, every AP of a split without an annotated (non-crowd) box, and
-APs/APm/APl where the split has no box of that size. :func:`format_metric` prints it.
+APs/APm/APl where the split has no box of that size. ``Task.format_metric`` prints it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools.coco import COCO
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -28,28 +29,15 @@ from fna.data.transforms import det_collate
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 AREA_RANGES = {"APs": (0, 32 ** 2), "APm": (32 ** 2, 96 ** 2), "APl": (96 ** 2, float("inf"))}  # COCO's, inclusive
-UNDEFINED = {"seg": "undefined: the split has no labelled pixels",
-             "retinanet": "undefined: the split has no annotated boxes",
-             "ssdlite": "undefined: the split has no annotated boxes"}
+class EvalConfig(BaseModel):
+    """How a split is evaluated: sliding windows and flip for segmentation, the batch of detection."""
 
+    model_config = ConfigDict(extra="forbid")
 
-def format_metric(value: float | None, task: str) -> str:
-    """``0.1234``, or why the task's metric is undefined (``None``) on this split."""
-    return UNDEFINED.get(task, "undefined") if value is None else f"{value:.4f}"
-
-
-def metric_lines(metrics: dict, task: str) -> list[str]:
-    """``name: value`` for every scalar metric; an undefined one says why."""
-    split_defined = any(v is not None for k, v in metrics.items() if k not in AREA_RANGES and not isinstance(v, dict))
-    lines = []
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            continue
-        if value is None and name in AREA_RANGES and split_defined:
-            lines.append(f"{name}: undefined: the split has no boxes of this size")
-        else:
-            lines.append(f"{name}: {format_metric(value, task)}")
-    return lines
+    window: tuple[PositiveInt, PositiveInt] | None = None  # sliding-window size for segmentation; None: whole image
+    stride_rate: float = Field(2 / 3, gt=0, le=1)
+    flip: bool = False
+    batch_size: int = Field(4, ge=1)
 
 
 # -- segmentation ----------------------------------------------------------------------------------

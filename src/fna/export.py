@@ -46,6 +46,8 @@ from torch import nn
 from fna.artifact import ModelInfo, load_model
 from fna.checkpoint import os_error_in, write_atomic
 from fna.errors import FnaError
+from fna.parity import Parity
+from fna.tasks import Task, get_task
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 OPSET = 17
@@ -54,51 +56,12 @@ DEFAULT_TOLERANCE = 1e-3
 Runner = Callable[[torch.Tensor], list[np.ndarray]]
 
 
-class SegmenterExport(nn.Module):
-    """``[0, 1]`` RGB batch → normalise → segmenter → logits at the input size."""
-
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model((image - self.mean) / self.std)
-
-
-class DetectorExport(nn.Module):
-    """One ``[0, 1]`` RGB image → the detector's full inference → ``(boxes, scores, labels)`` tensors."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        det = self.model([image])[0]
-        return det["boxes"], det["scores"], det["labels"]
-
-
-def exportable(model: nn.Module, info: ModelInfo) -> nn.Module:
-    """The module that gets exported: ``model`` wrapped to take ``[0, 1]`` RGB and return plain tensors."""
-    if info.task == "seg":
-        return SegmenterExport(model, info.preprocessing["mean"], info.preprocessing["std"]).eval()
-    if info.task in ("retinanet", "ssdlite"):
-        return DetectorExport(model).eval()
-    raise FnaError(f"cannot export a {info.task!r} model: expected seg, retinanet or ssdlite")
-
-
 def default_size(info: ModelInfo) -> tuple[int, int]:
-    """The export/check size: the run's configured size, else the detector's input size, else 512×512."""
+    """The export/check size: the run's configured size, else the task's (the detector's input size)."""
     if info.config.get("size"):
         h, w = info.config["size"]
         return int(h), int(w)
-    kw = info.model_kwargs
-    if info.task == "retinanet":
-        return int(kw.get("min_size", 800)), int(kw.get("max_size", 1333))
-    if info.task == "ssdlite":
-        return int(kw.get("size", 320)), int(kw.get("size", 320))
-    return 512, 512
+    return get_task(info.task).default_export_size(info.model_kwargs)
 
 
 def sample_image(h: int, w: int) -> torch.Tensor:
@@ -109,73 +72,16 @@ def sample_image(h: int, w: int) -> torch.Tensor:
     return F.interpolate(photo, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
 
-def sample_inputs(task: str, size: tuple[int, int], dynamic: bool) -> list[torch.Tensor]:
-    """Inputs to check the export on: the export size, and with ``dynamic`` two other shapes.
-
-    Segmentation inputs are batches (the photo, then noise images); detection inputs single images.
-    """
+def sample_inputs(task: Task, size: tuple[int, int], dynamic: bool) -> list[torch.Tensor]:
+    """Inputs to check the export on: the export size, and with ``dynamic`` two other shapes (the
+    photo, then noise images; the task makes them a batch or takes the one image)."""
     h, w = size
     shapes = [(1, h, w)]
     if dynamic:
         shapes += [(2, max(32, 3 * h // 4 + 5), w + w // 4 + 3), (1, h + h // 2 + 1, max(32, 3 * w // 4))]
     gen = torch.Generator().manual_seed(0)
-    inputs = []
-    for batch, sh, sw in shapes:
-        images = [sample_image(sh, sw), *(torch.rand(3, sh, sw, generator=gen) for _ in range(batch - 1))]
-        inputs.append(torch.stack(images) if task == "seg" else images[0])
-    return inputs
-
-
-@dataclass
-class Parity:
-    """How the exported model's outputs on one input differ from PyTorch's."""
-
-    diff: float  # compared with the tolerance
-    unmatched: int  # detections without a counterpart (always 0 for segmentation)
-    summary: str
-    shape: tuple[int, ...] = ()  # the input's
-
-    def ok(self, tolerance: float) -> bool:
-        return self.diff <= tolerance and self.unmatched == 0
-
-
-def compare_segmentation(ref: np.ndarray, got: np.ndarray) -> Parity:
-    """Max absolute logit difference relative to the largest |logit| (at least 1); argmax agreement too."""
-    if ref.shape != got.shape:
-        return Parity(float("inf"), 0, f"logits shape {got.shape}, PyTorch {ref.shape}")
-    diff, scale = float(np.abs(ref - got).max()), max(1.0, float(np.abs(ref).max()))
-    agree = float((ref.argmax(1) == got.argmax(1)).mean())
-    return Parity(diff / scale, 0, f"logits max |Δ| {diff:.2e} = {diff / scale:.2e} of the largest |logit| "
-                                   f"{scale:.2f}, argmax agreement {agree:.4%}")
-
-
-def compare_detections(ref: list[np.ndarray], got: list[np.ndarray], side: int, tolerance: float) -> Parity:
-    """Match detections (same label, score within ``tolerance``, closest box), then the worst differences.
-
-    ``ref``/``got`` are ``[boxes, scores, labels]``; box differences are divided by ``side`` (the image's
-    longer side) so one tolerance serves scores and boxes. Greedy in PyTorch's score order.
-    """
-    (rb, rs, rl), (gb, gs, gl) = ref, got
-    used = np.zeros(len(gs), dtype=bool)
-    box_diff = score_diff = 0.0
-    unmatched = 0
-    for i in np.argsort(-rs, kind="stable"):
-        cand = np.flatnonzero(~used & (gl == rl[i]) & (np.abs(gs - rs[i]) <= tolerance))
-        if len(cand) == 0:
-            unmatched += 1
-            continue
-        corner = np.abs(gb[cand] - rb[i]).max(axis=1)
-        j = cand[corner.argmin()]
-        used[j] = True
-        box_diff = max(box_diff, float(corner.min()))
-        score_diff = max(score_diff, float(abs(gs[j] - rs[i])))
-    unmatched += int((~used).sum())
-    diff = max(score_diff, box_diff / side)
-    text = (f"{len(rs)} detections (exported {len(gs)}), scores max |Δ| {score_diff:.2e}, boxes max |Δ| "
-            f"{box_diff:.2e} px = {box_diff / side:.2e} of the image side")
-    if unmatched:
-        text += f", {unmatched} without a counterpart (same label, score within the tolerance)"
-    return Parity(diff, unmatched, text)
+    return [task.export_input([sample_image(sh, sw), *(torch.rand(3, sh, sw, generator=gen) for _ in range(b - 1))])
+            for b, sh, sw in shapes]
 
 
 @dataclass
@@ -216,14 +122,9 @@ def default_out(model_path: Path, fmt: str) -> Path:
     return model_path.with_name(name + FORMATS[fmt])
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, f: Path | IO[bytes], task: str, dynamic: bool) -> None:
-    """Write ``module`` as ONNX (TorchScript-based exporter); free H/W (and segmentation batch) if ``dynamic``."""
-    if task == "seg":
-        inputs, outputs = ["image"], ["logits"]
-        axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
-    else:
-        inputs, outputs = ["image"], ["boxes", "scores", "labels"]
-        axes = {"image": {1: "height", 2: "width"}}
+def export_onnx(module: nn.Module, example: torch.Tensor, f: Path | IO[bytes], task: Task, dynamic: bool) -> None:
+    """Write ``module`` as ONNX (TorchScript-based exporter); the task's axes are free if ``dynamic``."""
+    inputs, outputs, axes = task.export_names
     torch.onnx.export(module, (example,), str(f) if isinstance(f, Path) else f, dynamo=False, opset_version=OPSET,
                       input_names=inputs, output_names=outputs, dynamic_axes=axes if dynamic else None)
 
@@ -256,15 +157,11 @@ def torchscript_runner(path: Path) -> Runner:
     return run
 
 
-def check_parity(task: str, module: nn.Module, run: Runner, x: torch.Tensor, tolerance: float) -> Parity:
+def check_parity(task: Task, module: nn.Module, run: Runner, x: torch.Tensor, tolerance: float) -> Parity:
     """Compare the exported model (``run``) with ``module`` on one input."""
     with torch.no_grad():
         ref = module(x)
-    got = run(x)
-    if task == "seg":
-        parity = compare_segmentation(ref.numpy(), got[0])
-    else:
-        parity = compare_detections([t.numpy() for t in ref], got, max(x.shape[-2:]), tolerance)
+    parity = task.compare(ref, run(x), x, tolerance)
     parity.shape = tuple(x.shape)
     return parity
 
@@ -283,8 +180,9 @@ def export_model(model_path: str | Path, fmt: str = "onnx", out: str | Path | No
         raise FnaError(f"export size {size[0]}×{size[1]} is too small: both sides must be at least 32")
     model_path = Path(model_path)
     model, info = load_model(model_path)
-    module = exportable(model, info)
-    samples = sample_inputs(info.task, tuple(size) if size else default_size(info), dynamic)
+    task = get_task(info.task)
+    module = task.exportable(model, info.preprocessing["mean"], info.preprocessing["std"])
+    samples = sample_inputs(task, tuple(size) if size else default_size(info), dynamic)
     out = Path(out) if out is not None else default_out(model_path, fmt)
 
     def write(f: IO[bytes]) -> None:
@@ -292,7 +190,7 @@ def export_model(model_path: str | Path, fmt: str = "onnx", out: str | Path | No
             warnings.simplefilter("ignore")  # tracer and exporter-deprecation warnings, not user-actionable
             try:
                 if fmt == "onnx":
-                    export_onnx(module, samples[0], f, info.task, dynamic)
+                    export_onnx(module, samples[0], f, task, dynamic)
                 else:
                     export_torchscript(module, samples[0], f)
             except Exception as e:
@@ -303,5 +201,5 @@ def export_model(model_path: str | Path, fmt: str = "onnx", out: str | Path | No
 
     write_atomic(out, write)  # creates a missing folder; a full or read-only disk is one line naming ``out``
     run = onnx_runner(out) if fmt == "onnx" else torchscript_runner(out)
-    checks = [check_parity(info.task, module, run, x, tolerance) for x in samples]
+    checks = [check_parity(task, module, run, x, tolerance) for x in samples]
     return ExportReport(out, fmt, info.task, dynamic, tolerance, checks)

@@ -86,9 +86,7 @@ class LatencySettings:
     def search_space(self) -> SearchSpace:
         if self.space is not None:
             return SearchSpace.get(self.space)
-        from fna.search import TASK_DEFAULTS
-
-        return SearchSpace.get(TASK_DEFAULTS.get(self.task, {}).get("space", "detection"))
+        return SearchSpace.get((get_task(self.task).search_defaults or {}).get("space", "detection"))
 
     def seed_arch(self) -> Arch:
         """The seed's architecture (read from the reference model's module tree when not listed)."""

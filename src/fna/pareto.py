@@ -29,6 +29,8 @@ from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.search import Search, SearchConfig, SearchError
 from fna.supernet import SinglePath, arch_path
+from fna.evaluate import EvalConfig
+from fna.seeds import load_seed
 from fna.tasks import build_model
 from fna.train import to_device
 
@@ -114,8 +116,6 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
     ``budgets``: see :func:`resolve_budgets`. Writes ``warmup/``, ``branches/<label>/`` (ordinary search
     directories), ``pareto/arch_<label>.json``, ``pareto/pareto.json`` and ``pareto/pareto.png``.
     """
-    from fna.pipeline import METRIC, EvalConfig, evaluate_model
-    from fna.seeds import load_seed
 
     if config.arch_start_epoch < 1:
         raise SearchError("a Pareto search branches after the warm-up: arch_start_epoch must be >= 1")
@@ -133,7 +133,8 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
     out_dir = run_dir / "pareto"
     out_dir.mkdir(parents=True, exist_ok=True)
     num_classes = config.num_classes or warm.spec.num_classes
-    metric_name = METRIC[config.task]
+    class_names = class_names or tuple(str(i) for i in range(num_classes))
+    metric_name = warm.spec.metric
     points = []
     for label, budget in resolved:
         branch_dir = run_dir / "branches" / label
@@ -144,8 +145,7 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
         result = branch.run()
         model = derived_model(branch, result.path)
         recalibrate_bn(model, branch, calib_batches)
-        metrics = evaluate_model(config.task, model, val_set, EvalConfig(), branch.dist.device, num_classes,
-                                 class_names)
+        metrics = branch.spec.evaluate(model, val_set, EvalConfig(), branch.dist.device, class_names)
         if metrics[metric_name] is None:
             raise SearchError(f"{metric_name} is undefined on the {len(val_set)} held-out images (no annotated "
                               "boxes or labelled pixels): a Pareto set cannot be scored on them; pass another "

@@ -40,19 +40,13 @@ from fna.arch import Arch, get_arch, save_arch
 from fna.artifact import load_model, save_model
 from fna.checkpoint import seed_everything, write_text_atomic
 from fna.cost import model_cost
-from fna.data import (det_collate, det_eval_transforms, open_detection, open_segmentation,
-                      retinanet_train_transforms, seg_collate, seg_eval_transforms, seg_train_transforms,
-                      ssdlite_train_transforms)
 from fna.errors import FnaError
-from fna.evaluate import evaluate_detection, evaluate_segmentation, format_metric
+from fna.evaluate import EvalConfig
 from fna.progress import Progress
 from fna.remap import check_compatible, remap_seed
 from fna.seeds import Seed, load_seed
-from fna.tasks import get_task
-from fna.train import TrainConfig, fit, paper_recipe
-
-DEFAULT_SIZE = {"seg": (769, 769), "retinanet": (800, 1333), "ssdlite": (320, 320)}
-METRIC = {"seg": "mIoU", "retinanet": "AP", "ssdlite": "AP"}
+from fna.tasks import TASKS, Task, get_task
+from fna.train import TrainConfig, fit
 
 
 class DataConfig(BaseModel):
@@ -65,21 +59,12 @@ class DataConfig(BaseModel):
     skip_bad: bool = False
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    window: tuple[PositiveInt, PositiveInt] | None = None  # sliding-window size for segmentation; None: whole image
-    stride_rate: float = Field(2 / 3, gt=0, le=1)
-    flip: bool = False
-    batch_size: int = Field(4, ge=1)
-
-
 class RunConfig(BaseModel):
     """One run. ``size``: segmentation training crop (H, W); RetinaNet (min_size, max_size); SSDLite (S, S)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["seg", "retinanet", "ssdlite"]
+    task: str  # a registered task with datasets: seg | retinanet | ssdlite (see fna.tasks)
     data: DataConfig
     seed: str = "mobilenet_v2"
     seed_weights: str | None = None
@@ -88,7 +73,7 @@ class RunConfig(BaseModel):
     size: tuple[PositiveInt, PositiveInt] | None = None
     scale: tuple[float, float] = (0.75, 2.0)  # segmentation random scale range
     search: dict[str, Any] = {}  # overrides of fna.search.SearchConfig.for_task(task)
-    finetune: dict[str, Any] = {}  # overrides of fna.train.paper_recipe(task, batch_size, iters)
+    finetune: dict[str, Any] = {}  # overrides of the task's recipe(batch_size, iters) (fna.train.TrainConfig)
     eval: EvalConfig = EvalConfig()
     device: str = "auto"
     random_seed: int = 0
@@ -100,26 +85,41 @@ class RunConfig(BaseModel):
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {list(v)}")
         return v
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}: expected one of {', '.join(t for t in TASKS if TASKS[t].formats)}")
+        task = TASKS[v]
+        if not task.formats:
+            raise ValueError(f"task {v!r} reads no datasets; a run needs one of "
+                             f"{', '.join(t for t, spec in TASKS.items() if spec.formats)}")
+        return v
+
     @model_validator(mode="after")
-    def _square_ssdlite(self) -> RunConfig:
-        if self.task == "ssdlite" and self.size is not None and self.size[0] != self.size[1]:
-            raise ValueError(f"SSDLite runs at S×S: give size=[S,S], got {list(self.size)}")
+    def _size_fits_task(self) -> RunConfig:
+        if self.size is not None:
+            get_task(self.task).check_size(self.size)
         return self
 
     @property
+    def spec(self) -> Task:
+        """The run's :class:`~fna.tasks.Task`."""
+        return get_task(self.task)
+
+    @property
     def input_size(self) -> tuple[int, int]:
-        return tuple(self.size or DEFAULT_SIZE[self.task])
+        return tuple(self.size or self.spec.default_size)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Arguments of the task model that depend on the input size."""
-        h, w = self.input_size
-        return {"retinanet": {"min_size": h, "max_size": w}, "ssdlite": {"size": h}}.get(self.task, {})
+        return self.spec.model_kwargs(self.input_size)
 
     def train_config(self) -> TrainConfig:
         over = dict(self.finetune)
         try:
             sized = TrainConfig(**{k: over.pop(k) for k in ("iters", "batch_size") if k in over})
-            recipe = paper_recipe(self.task, sized.batch_size, sized.iters)
+            recipe = self.spec.recipe(sized.batch_size, sized.iters)
             return TrainConfig(**{**recipe.model_dump(), "device": self.device, "seed": self.random_seed, **over})
         except ValidationError as e:
             raise FnaError(f"finetune config: {_first_error(e)}") from None
@@ -317,48 +317,21 @@ def yaml_load(path: Path) -> dict[str, Any]:
 
 def eval_dataset(task: str, root: str | Path, fmt: str, split: str, skip_bad: bool = False) -> Any:
     """A split with evaluation transforms, every item checked up front (bad ones dropped with ``skip_bad``)."""
-    if task == "seg":
-        dataset = open_segmentation(root, fmt, split, seg_eval_transforms(), skip_bad)
-    else:
-        dataset = open_detection(root, fmt, split, det_eval_transforms(), skip_bad)
-    return dataset.verify()
+    return get_task(task).open_dataset(root, fmt, split, skip_bad=skip_bad).verify()
 
 
-def open_datasets(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """(train set with training transforms, val set with eval transforms, collate function), every item
-    of both checked (images decode, masks in the class range, annotations valid)."""
+def open_datasets(cfg: RunConfig) -> tuple[Any, Any]:
+    """(train set with training transforms, val set with eval transforms), every item of both checked
+    (images decode, masks in the class range, annotations valid)."""
     d = cfg.data
     val = eval_dataset(cfg.task, d.root, d.format, d.val_split, d.skip_bad)
-    if cfg.task == "seg":
-        train = open_segmentation(d.root, d.format, d.train_split, seg_train_transforms(cfg.input_size, cfg.scale),
-                                  d.skip_bad)
-        return train.verify(), val, seg_collate
-    h, w = cfg.input_size
-    train_tf = retinanet_train_transforms(h, w) if cfg.task == "retinanet" else ssdlite_train_transforms(h)
-    train = open_detection(d.root, d.format, d.train_split, train_tf, d.skip_bad)
-    return train.verify(), val, det_collate
+    train = cfg.spec.open_dataset(d.root, d.format, d.train_split, cfg.input_size, cfg.scale, d.skip_bad)
+    return train.verify(), val
 
 
 def data_input_size(cfg: RunConfig, val_set: Any) -> tuple[int, int]:
-    """The network's input size on this data: segmentation evaluates whole images, detectors resize."""
-    image = val_set[0][0]
-    h, w = image.shape[-2:]
-    if cfg.task == "ssdlite":
-        return cfg.input_size
-    if cfg.task == "retinanet":  # torchvision's rule: short side to min_size unless the long side passes max_size
-        lo, hi = cfg.input_size
-        s = min(lo / min(h, w), hi / max(h, w))
-        return round(h * s), round(w * s)
-    return h, w
-
-
-def evaluate_model(task: str, model: torch.nn.Module, val_set: Any, cfg: EvalConfig, device: torch.device,
-                   num_classes: int, class_names: tuple[str, ...], results_path: Path | None = None) -> dict:
-    """The task's metrics on ``val_set`` (mIoU for segmentation, COCO mAP for detection)."""
-    if task == "seg":
-        return evaluate_segmentation(model, val_set, num_classes, class_names, device, cfg.window,
-                                     cfg.stride_rate, cfg.flip)
-    return evaluate_detection(model, val_set, device, cfg.batch_size, results_path)
+    """The network's input size on this data: that of the val split's first image (see ``Task.network_input``)."""
+    return cfg.spec.network_input(cfg.input_size, tuple(val_set[0][0].shape[-2:]))
 
 
 @dataclass
@@ -387,7 +360,7 @@ def prepare(cfg: RunConfig, console: Console) -> Plan:
         check_compatible(seed.arch, arch)
     console.print(f"checking the {cfg.data.train_split} and {cfg.data.val_split} splits of "
                   f"{escape(cfg.data.root)}", highlight=False)
-    train_set, val_set, collate = open_datasets(cfg)
+    train_set, val_set = open_datasets(cfg)
     for name, ds in (("train", train_set), ("val", val_set)):
         if getattr(ds, "skipped", None):
             console.print(f"skipped {len(ds.skipped)} bad {name} item(s): "
@@ -395,7 +368,7 @@ def prepare(cfg: RunConfig, console: Console) -> Plan:
     class_names = tuple(train_set.class_names)
     data_size = data_input_size(cfg, val_set)
     search_cfg = cfg.search_config(len(class_names), data_size) if cfg.arch is None else None
-    return Plan(train_set, val_set, collate, class_names, data_size, train_cfg, search_cfg, arch, seed)
+    return Plan(train_set, val_set, cfg.spec.collate, class_names, data_size, train_cfg, search_cfg, arch, seed)
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -440,14 +413,14 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
         metrics = json.loads(metrics_path.read_text())
     else:
         with ledger.phase("eval", device):
-            metrics = evaluate_model(cfg.task, model, plan.val_set, cfg.eval, device, len(plan.class_names),
-                                     plan.class_names, run_dir / "detections.json")
+            metrics = cfg.spec.evaluate(model, plan.val_set, cfg.eval, device, plan.class_names,
+                                        run_dir / "detections.json")
         if dist.is_main():
             write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
     summary = _summary(cfg, arch, metrics, ledger, plan.data_size, len(plan.class_names))
     if dist.is_main():
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    console.print(f"[bold]{METRIC[cfg.task]}[/] {format_metric(summary['metric'], cfg.task)} · "
+    console.print(f"[bold]{cfg.spec.metric}[/] {cfg.spec.format_metric(summary['metric'])} · "
                   f"{summary['madds_data'] / 1e9:.3f} GMAdds at {summary['data_size'][0]}×{summary['data_size'][1]} · "
                   f"{summary['params'] / 1e6:.3f}M params · run in {escape(str(run_dir))}")
     if dist.is_main():
@@ -504,7 +477,7 @@ def _summary(cfg: RunConfig, arch: Arch, metrics: dict, ledger: Ledger, data_siz
     paper = model_cost(cfg.task, arch, None, num_classes)
     at_data = model_cost(cfg.task, arch, data_size, num_classes)
     return {"task": cfg.task, "arch": arch.to_dict(), "net_config": arch.to_net_config(),
-            "metric_name": METRIC[cfg.task], "metric": metrics[METRIC[cfg.task]], "metrics": metrics,
+            "metric_name": cfg.spec.metric, "metric": metrics[cfg.spec.metric], "metrics": metrics,
             "madds_paper_size": paper.madds, "paper_size": list(get_task(cfg.task).paper_size),
             "madds_data": at_data.madds, "data_size": list(data_size), "params": at_data.params,
             "init": cfg.init, "phases": ledger.phases}

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
@@ -22,14 +23,16 @@ from torch.utils.tensorboard import SummaryWriter
 from fna.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
 from fna.dist import Processes
 from fna.errors import FnaError
-from fna.tasks import TaskSpec
 from fna.training import (LossGuard, OptimConfig, batches, clip_grads, make_optimizer, make_scheduler, non_finite,
                           scheduler_at, to_device)
+
+if TYPE_CHECKING:
+    from fna.tasks import Task
 
 
 class TrainConfig(OptimConfig):
     """Fine-tuning recipe: :class:`~fna.training.OptimConfig` plus length, batch and execution.
-    :func:`paper_recipe` gives SPEC §5's numbers per task."""
+    ``Task.recipe`` gives SPEC §5's numbers per task."""
 
     iters: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # total over all processes
@@ -42,22 +45,7 @@ class TrainConfig(OptimConfig):
     device: str = "auto"
 
 
-def paper_recipe(task: str, batch_size: int, iters: int) -> TrainConfig:
-    """SPEC §5's recipe for ``task``, with the learning rate scaled linearly by ``batch_size``."""
-    if task == "seg":  # Cityscapes: batch 16, SGD 0.01, wd 5e-4, poly 0.9, 5000-iter warm-up of 100k
-        return TrainConfig(iters=iters, batch_size=batch_size, lr=0.01 * batch_size / 16, weight_decay=5e-4,
-                           warmup_iters=int(0.05 * iters), schedule="poly")
-    if task == "retinanet":  # COCO: batch 32, SGD 0.05, wd 5e-5, ×0.1 at epochs 8 and 11 of 12, clip 35
-        return TrainConfig(iters=iters, batch_size=batch_size, lr=0.05 * batch_size / 32, weight_decay=5e-5,
-                           warmup_iters=min(500, iters // 10), schedule="step", milestones=[8 / 12, 11 / 12],
-                           clip_grad=35.0)
-    if task == "ssdlite":  # COCO: batch 512, RMSprop 0.2, eps 1, momentum 0.9, wd 4e-5; cosine decay
-        return TrainConfig(iters=iters, batch_size=batch_size, optimizer="rmsprop", lr=0.2 * batch_size / 512,
-                           weight_decay=4e-5, warmup_iters=iters // 20, schedule="cosine")
-    raise FnaError(f"no fine-tuning recipe for task {task!r}")
-
-
-def fit(model: nn.Module, task: TaskSpec, dataset: Dataset, collate: Callable, cfg: TrainConfig,
+def fit(model: nn.Module, task: Task, dataset: Dataset, collate: Callable, cfg: TrainConfig,
         run_dir: str | Path, resume: bool = False, progress: Callable[[int, float], None] | None = None) -> dict:
     """Fine-tune ``model`` on ``dataset`` for ``cfg.iters`` steps; checkpoints go to ``run_dir/checkpoint.pt``.
 

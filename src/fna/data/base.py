@@ -25,7 +25,9 @@ from fna.errors import FnaError
 
 log = logging.getLogger("fna.data")
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # mask id that neither trains nor counts in evaluation
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the seeds' input normalisation (RGB in [0, 1])
+IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 

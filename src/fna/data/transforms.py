@@ -18,8 +18,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from fna.data.base import IGNORE_INDEX
-from fna.tasks.detection import IMAGENET_MEAN, IMAGENET_STD
+from fna.data.base import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 
 PER_BOX_KEYS = ("labels", "iscrowd", "difficult")
 

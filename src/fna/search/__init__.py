@@ -5,8 +5,8 @@ search, :mod:`~fna.search.budget` the cost table and the hard budget, :mod:`~fna
 checkpoint and :mod:`~fna.search.outputs` what a search writes.
 """
 
-from fna.search.config import TASK_DEFAULTS, SearchConfig, SearchError
+from fna.search.config import SearchConfig, SearchError
 from fna.search.loop import Search, search
 from fna.search.outputs import SEARCH_FILES, SearchResult
 
-__all__ = ["TASK_DEFAULTS", "SEARCH_FILES", "Search", "SearchConfig", "SearchError", "SearchResult", "search"]
+__all__ = ["SEARCH_FILES", "Search", "SearchConfig", "SearchError", "SearchResult", "search"]

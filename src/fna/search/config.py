@@ -1,12 +1,14 @@
-"""Every number of a search: :class:`SearchConfig`, the task defaults (SPEC §4) and the search's errors."""
+"""Every number of a search (:class:`SearchConfig`; the task defaults of SPEC §4 are each task's
+``search_defaults``) and the search's errors."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from fna.errors import FnaError
+from fna.tasks import TASKS
 from fna.training import OptimConfig
 
 
@@ -14,26 +16,12 @@ class SearchError(FnaError):
     """A search cannot start or continue (bad config, impossible budget, non-finite loss)."""
 
 
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "retinanet": dict(space="detection", epochs=14, arch_start_epoch=8, weight_steps_per_arch_step=1,
-                      batch_size=32, optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=1e-4, clip_grad=35.0,
-                      schedule="step", milestones=[8 / 14, 11 / 14], warmup_iters=500, lam=0.02,
-                      temperature=1.0),
-    "ssdlite": dict(space="detection", epochs=30, arch_start_epoch=15, weight_steps_per_arch_step=5,
-                    batch_size=512, optimizer="rmsprop", lr=0.05, rmsprop_eps=1.0, momentum=0.9, weight_decay=4e-5,
-                    clip_grad=None, schedule="constant", warmup_iters=0, lam=0.15, temperature=0.9),
-    "seg": dict(space="segmentation", epochs=40, arch_start_epoch=20, weight_steps_per_arch_step=1,
-                batch_size=16, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, clip_grad=35.0,
-                schedule="poly", warmup_iters=200, lam=0.15, temperature=1.0),
-}
-
-
 class SearchConfig(OptimConfig):
     """Every number of a search: the weights' optimiser and schedule (:class:`~fna.training.OptimConfig`,
     over all ``epochs``), the architecture step, the budget, the data split. :meth:`for_task` fills the
     task's defaults (SPEC §4)."""
 
-    task: Literal["seg", "retinanet", "ssdlite"]
+    task: str  # a registered task with search defaults (fna.tasks)
     seed: str = "mobilenet_v2"
     seed_weights: str | None = None
     space: str | dict[str, Any]
@@ -70,6 +58,14 @@ class SearchConfig(OptimConfig):
     tensorboard: bool = True
     debug_rank_files: bool = False  # every rank writes its α and arch under debug/ (tests)
 
+    @field_validator("task")
+    @classmethod
+    def _searchable(cls, v: str) -> str:
+        if v not in TASKS or TASKS[v].search_defaults is None:
+            raise ValueError(f"task {v!r} cannot be searched: expected one of "
+                             f"{', '.join(n for n, t in TASKS.items() if t.search_defaults is not None)}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
         if self.budget_madds is not None and self.budget_latency_ms is not None:
@@ -88,11 +84,14 @@ class SearchConfig(OptimConfig):
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> SearchConfig:
-        """The task's defaults with ``overrides``; :class:`SearchError` on unknown keys or bad values."""
-        if task not in TASK_DEFAULTS:
-            raise SearchError(f"unknown search task {task!r}: expected one of {', '.join(TASK_DEFAULTS)}")
+        """The task's defaults (``Task.search_defaults``) with ``overrides``; :class:`SearchError` on unknown
+        keys or bad values."""
+        defaults = TASKS[task].search_defaults if task in TASKS else None
+        if defaults is None:
+            searchable = [name for name, t in TASKS.items() if t.search_defaults is not None]
+            raise SearchError(f"unknown search task {task!r}: expected one of {', '.join(searchable)}")
         try:
-            return cls(task=task, **{**TASK_DEFAULTS[task], **overrides})
+            return cls(task=task, **{**defaults, **overrides})
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(x) for x in first["loc"]) or "config"
