@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from fna.seeds import random_mobilenet_v2
 from fna.search import SearchConfig, Search
 from fna.tasks import build_model, get_task
-from fna.train import to_device
+from fna.training import to_device
 
 
 def _batch(task: str, n: int, size: tuple[int, int], classes: int) -> tuple:

@@ -114,7 +114,8 @@ def test_adapt_runs_every_phase_on_each_segmentation_layout(layout, tmp_path, mb
     assert set(summary["phases"]) == {"search", "remap", "finetune", "eval"}
     assert all(p["done"] for p in summary["phases"].values())
     arch = json.loads((tmp_path / "run" / "arch.json").read_text())
-    assert summary["arch"]["stages"] == arch["stages"] and len(arch["stages"]) == 7
+    assert summary["arch"]["stages"] == arch["arch"]["stages"] and len(arch["arch"]["stages"]) == 7
+    assert (arch["task"], arch["source"]) == ("seg", "search")
     assert (tmp_path / "run" / "search" / "alpha_history.json").exists()
     _assert_metric_recomputes(summary, tmp_path / "run", root, layout)
 
@@ -132,8 +133,8 @@ def test_adapt_runs_every_phase_for_both_detectors(task, demo_root, tmp_path, mb
 def test_train_writes_a_complete_run_directory(task, fmt, demo_root, tmp_path, mbv2_seed):
     summary = run(_config(task, demo_root, fmt, arch="mobilenet_v2"), tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"config.yaml", "arch.json", "arch.net_config.txt", "remap_report.md", "model.fna.pt", "metrics.json",
-            "ledger.json", "summary.json", "finetune"} <= names
+    assert {"config.yaml", "arch.json", "arch.net_config.txt", "remap_report.json", "remap_report.md", "model.fna.pt",
+            "metrics.json", "ledger.json", "summary.json", "finetune"} <= names
     _assert_metric_recomputes(summary, tmp_path / "run", demo_root, fmt)
     assert set(summary["phases"]) == {"remap", "finetune", "eval"}
     assert all(p["done"] and p["seconds"] > 0 and p["device"].startswith("cpu") for p in summary["phases"].values())

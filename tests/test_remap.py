@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from torch import nn
 from fna.arch import BUILTIN_ARCHS, Arch, Stage, parse_op
 from fna.backbone import Backbone, Classifier
 from fna.ops import MBConv
-from fna.remap import RemapError, depth_source, remap_backbone, remap_layer, remap_seed
+from fna.remap import RemapError, RemapReport, depth_source, remap_backbone, remap_layer, remap_seed
 from fna.tasks import get_task
 
 MBV2 = BUILTIN_ARCHS["mobilenet_v2"]
@@ -358,3 +359,10 @@ def test_cli_remap_onto_an_unfitting_architecture_is_one_line_naming_the_stage(m
     assert out.returncode == 1
     assert "stage 7 (320->640)" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_remap_report_is_data_that_round_trips_through_json():
+    report = remap_backbone(seeded(BUILTIN_ARCHS["mobilenet_v2"]), Backbone(BUILTIN_ARCHS["fna_retinanet"]))
+    again = RemapReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again == report and again.to_markdown() == report.to_markdown()
+    assert again.rows()[0][0] == "stem" and len(again.rows()) == len(report.layers)

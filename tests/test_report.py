@@ -32,6 +32,7 @@ def _finish_run(root, arch, with_search: bool) -> None:
     save_arch(arch, root / "arch.json")
     (root / "config.yaml").write_text("task: seg\nseed: mobilenet_v2\ninit: remap\n")
     _, remap = remap_seed(tiny_seed(), arch)
+    (root / "remap_report.json").write_text(json.dumps(remap.to_dict()))
     (root / "remap_report.md").write_text(remap.to_markdown())
     (root / "metrics.json").write_text(json.dumps(METRICS, indent=2))
     ledger = LEDGER if with_search else {k: v for k, v in LEDGER.items() if k != "search"}

@@ -341,8 +341,13 @@ def load_arch(path: str | Path) -> Arch:
     return arch if arch.name else replace(arch, name=path.stem)
 
 
-def save_arch(arch: Arch, path: str | Path) -> None:
-    """Write JSON for ``*.json`` paths, reference net_config text otherwise."""
+def save_arch(arch: Arch, path: str | Path, /, **meta: Any) -> None:
+    """Write ``arch`` atomically: reference net_config text, or for ``*.json`` paths the one JSON format
+    of architecture files, ``{"arch": {...}, **meta}`` (``meta``: where it came from, its cost, ...).
+
+    :func:`load_arch` reads both, and plain ``{"stages": [...]}`` JSON too.
+    """
     path = Path(path)
-    text = arch.to_json() if path.suffix == ".json" else arch.to_net_config() + "\n"
+    text = (json.dumps({"arch": arch.to_dict(), **meta}, indent=2) if path.suffix == ".json"
+            else arch.to_net_config() + "\n")
     write_text_atomic(path, text)

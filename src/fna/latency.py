@@ -37,11 +37,14 @@ import torch
 from torch import nn
 
 from fna.arch import SKIP, Arch, get_arch, parse_op
-from fna.checkpoint import write_text_atomic
 from fna.backbone import Backbone
+from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.errors import FnaError
 from fna.ops import MBConv
+from fna.rundir import RunDir, read_json, write_json
+from fna.seeds import SEEDS
+from fna.seeds.discover import discover_arch
 from fna.supernet import SearchSpace, SearchSpaceError, SuperBackbone, arch_path
 from fna.tasks import build_model, get_task
 
@@ -90,9 +93,6 @@ class LatencySettings:
 
     def seed_arch(self) -> Arch:
         """The seed's architecture (read from the reference model's module tree when not listed)."""
-        from fna.seeds import SEEDS
-        from fna.seeds.discover import discover_arch
-
         spec = SEEDS.get(self.seed)
         if spec is None:
             return get_arch(self.seed)
@@ -481,13 +481,13 @@ def check(lut: str | Path, arch: Arch, task: str, num_classes: int | None = None
 
 def write_to_summary(run_dir: str | Path, result: Check, lut: str | Path) -> Path:
     """Add ``latency_ms`` (measured) and ``latency_predicted_ms`` to ``run_dir/summary.json``."""
-    path = Path(run_dir) / "summary.json"
+    path = RunDir(Path(run_dir)).summary
     if not path.is_file():
-        raise LatencyError(f"{run_dir}: no summary.json (not a finished run directory)")
-    summary = json.loads(path.read_text())
+        raise LatencyError(f"{run_dir}: no {path.name} (not a finished run directory)")
+    summary = read_json(path)
     _, settings = load_cost_table(lut)
     summary.update(latency_ms=round(result.measured_ms, 4), latency_predicted_ms=round(result.predicted_ms, 4),
                    latency_setting={"table": str(lut), "size": list(settings.size), "device": settings.device,
                                     "backend": settings.backend, "threads": settings.threads})
-    write_text_atomic(path, json.dumps(summary, indent=2))
+    write_json(path, summary)
     return path

@@ -14,7 +14,6 @@ cost vs metric per budget; each ``arch_<budget>.json`` can be fine-tuned with ``
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,15 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fna.arch import Arch
-from fna.checkpoint import write_text_atomic
+from fna.arch import Arch, save_arch
 from fna.cost import CostTable
-from fna.search import Search, SearchConfig, SearchError
-from fna.supernet import SinglePath, arch_path
 from fna.evaluate import EvalConfig
+from fna.rundir import ParetoDir, write_json
+from fna.search import Search, SearchConfig, SearchError
 from fna.seeds import load_seed
+from fna.supernet import SinglePath, arch_path
 from fna.tasks import build_model
-from fna.train import to_device
+from fna.training import to_device
 
 
 @dataclass
@@ -113,35 +112,31 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
                   calib_batches: int = 4) -> list[ParetoPoint]:
     """Warm up once, branch the architecture phase per budget, score each derived net; write the set.
 
-    ``budgets``: see :func:`resolve_budgets`. Writes ``warmup/``, ``branches/<label>/`` (ordinary search
-    directories), ``pareto/arch_<label>.json``, ``pareto/pareto.json`` and ``pareto/pareto.png``.
+    ``budgets``: see :func:`resolve_budgets`. Writes a :class:`~fna.rundir.ParetoDir`.
     """
-
     if config.arch_start_epoch < 1:
         raise SearchError("a Pareto search branches after the warm-up: arch_start_epoch must be >= 1")
     if getattr(val_set, "items", None) and all(not getattr(item, "boxes", True) for item in val_set.items):
         raise SearchError(f"the {len(val_set)} held-out images have no annotated boxes: a Pareto set cannot be "
                           "scored on them; pass another --val-split")
-    run_dir = Path(run_dir)
+    files = ParetoDir(Path(run_dir))
     seed = seed or load_seed(config.seed, config.seed_weights)
     shared = config.model_copy(update={"budget_madds": None, "budget_latency_ms": None})
-    warm_dir = run_dir / "warmup"
-    warm = Search(shared, dataset, collate_fn, warm_dir, resume and (warm_dir / "checkpoint.pt").is_file(), seed)
+    warm_dir = files.warmup
+    warm = Search(shared, dataset, collate_fn, warm_dir.root, resume and warm_dir.checkpoint.is_file(), seed)
     warm.run(until_epoch=config.arch_start_epoch)
     resolved = resolve_budgets(budgets, warm.table, seed.arch)
     field = "budget_latency_ms" if warm.table.unit == "ms" else "budget_madds"
-    out_dir = run_dir / "pareto"
-    out_dir.mkdir(parents=True, exist_ok=True)
     num_classes = config.num_classes or warm.spec.num_classes
     class_names = class_names or tuple(str(i) for i in range(num_classes))
     metric_name = warm.spec.metric
     points = []
     for label, budget in resolved:
-        branch_dir = run_dir / "branches" / label
-        branch_dir.mkdir(parents=True, exist_ok=True)
-        if not (branch_dir / "checkpoint.pt").is_file():
-            shutil.copyfile(warm_dir / "checkpoint.pt", branch_dir / "checkpoint.pt")
-        branch = Search(config.model_copy(update={field: budget}), dataset, collate_fn, branch_dir, True, seed)
+        branch_dir = files.branch(label)
+        branch_dir.root.mkdir(parents=True, exist_ok=True)
+        if not branch_dir.checkpoint.is_file():
+            shutil.copyfile(warm_dir.checkpoint, branch_dir.checkpoint)
+        branch = Search(config.model_copy(update={field: budget}), dataset, collate_fn, branch_dir.root, True, seed)
         result = branch.run()
         model = derived_model(branch, result.path)
         recalibrate_bn(model, branch, calib_batches)
@@ -151,15 +146,14 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
                               "boxes or labelled pixels): a Pareto set cannot be scored on them; pass another "
                               "--val-split")
         arch = replace(result.arch, name=f"fna_{config.task}_pareto_{label}")
-        arch_file = out_dir / f"arch_{label}.json"
+        arch_file = files.arch(label)
         point = ParetoPoint(label, budget, result.cost["table_cost"], warm.table.unit, metric_name,
                             float(metrics[metric_name]), arch, arch_file)
-        write_text_atomic(arch_file, json.dumps({"arch": arch.to_dict(), "task": config.task, "budget": budget,
-                                         "cost": result.cost, metric_name: point.metric}, indent=2))
+        save_arch(arch, arch_file, task=config.task, seed=seed.name, source=f"pareto search, budget {label}",
+                  budget=budget, cost=result.cost, **{metric_name: point.metric})
         points.append(point)
-    write_text_atomic(out_dir / "pareto.json", json.dumps({"task": config.task, "unit": warm.table.unit,
-                                                     "points": [p.to_dict() for p in points]}, indent=2))
-    plot_pareto(points, out_dir / "pareto.png")
+    write_json(files.index, {"task": config.task, "unit": warm.table.unit, "points": [p.to_dict() for p in points]})
+    plot_pareto(points, files.plot)
     return points
 
 

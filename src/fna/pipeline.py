@@ -7,22 +7,13 @@ image stops the run before any work is done. Each phase records its seconds and 
 interrupted continues from its own checkpoint, or starts over when it had none yet. A resumed run
 may change the settings of phases that have not started, how it runs (device, logging, checkpoint
 interval, ``--skip-bad``) and the learning rates of the phase it continues (see :func:`check_resume`).
-Layout of a run directory::
-
-    config.yaml            the resolved run config (config_changes.jsonl: what resumes changed)
-    search/                super-network checkpoint, α history, TensorBoard (adapt only)
-    arch.json, arch.net_config.txt
-    remap_report.md        what the seed gave the target, per layer
-    finetune/              fine-tuning checkpoint, TensorBoard
-    model.fna.pt           the fine-tuned model, rebuildable with `fna.load`
-    metrics.json, ledger.json, summary.json
+The layout of a run directory is :mod:`fna.rundir`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -44,6 +35,9 @@ from fna.errors import FnaError
 from fna.evaluate import EvalConfig
 from fna.progress import Progress
 from fna.remap import check_compatible, remap_seed
+from fna.report import write_report
+from fna.rundir import RunDir, read_json, read_jsonl, write_json, write_jsonl
+from fna.search import SearchConfig, search
 from fna.seeds import Seed, load_seed
 from fna.tasks import TASKS, Task, get_task
 from fna.train import TrainConfig, fit
@@ -124,10 +118,8 @@ class RunConfig(BaseModel):
         except ValidationError as e:
             raise FnaError(f"finetune config: {_first_error(e)}") from None
 
-    def search_config(self, num_classes: int | None = None, cost_size: tuple[int, int] | None = None) -> Any:
+    def search_config(self, num_classes: int | None = None, cost_size: tuple[int, int] | None = None) -> SearchConfig:
         """The :class:`~fna.search.SearchConfig` of this run (``search.*`` over the task's defaults)."""
-        from fna.search import SearchConfig
-
         return SearchConfig.for_task(self.task, **{
             "seed": self.seed, "seed_weights": self.seed_weights, "num_classes": num_classes,
             "model_kwargs": self.model_kwargs(), "cost_size": cost_size, "device": self.device,
@@ -235,14 +227,14 @@ class Ledger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.phases: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+        self.phases: dict[str, dict[str, Any]] = read_json(path) or {}
 
     def done(self, phase: str) -> bool:
         return self.phases.get(phase, {}).get("done", False)
 
     def write(self) -> None:
         if dist.is_main():
-            write_text_atomic(self.path, json.dumps(self.phases, indent=2))
+            write_json(self.path, self.phases)
 
     @contextlib.contextmanager
     def phase(self, name: str, device: torch.device) -> Iterator[Clock]:
@@ -275,16 +267,16 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) -> None:
-    """Create ``run_dir`` or check that ``cfg`` may continue the run in it; write ``config.yaml``.
+def open_run_dir(cfg: RunConfig, rd: RunDir, resume: bool, console: Console) -> None:
+    """Create the run directory or check that ``cfg`` may continue the run in it; write its config.
 
     A directory whose run never started a phase is started over; one that did needs ``resume``.
     """
+    run_dir, config_path = rd.root, rd.config
     if run_dir.exists() and not run_dir.is_dir():
         raise FnaError(f"{run_dir}: --out names a file, not a directory")
-    config_path, ledger_path = run_dir / "config.yaml", run_dir / "ledger.json"
     new = cfg.model_dump(mode="json")
-    phases = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    phases = read_json(rd.ledger) or {}
     if config_path.is_file() and phases:
         if not resume:
             raise FnaError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -294,9 +286,9 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, console: Console) 
             console.print("resuming with changed settings: " + "; ".join(f"{k}: {a!r} → {b!r}"
                                                                          for k, (a, b) in changed.items()),
                           markup=False, highlight=False)
-            with open(run_dir / "config_changes.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "done": [p for p in phases
-                                    if phases[p].get("done")], "changed": changed}) + "\n")
+            change = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      "done": [p for p in phases if phases[p].get("done")], "changed": changed}
+            write_jsonl(rd.config_changes, [*read_jsonl(rd.config_changes), change])
     elif run_dir.is_dir() and any(run_dir.iterdir()) and not config_path.is_file():
         raise FnaError(f"{run_dir} exists and is not a run directory (no config.yaml); choose a new or empty --out")
     try:
@@ -376,24 +368,23 @@ def prepare(cfg: RunConfig, console: Console) -> Plan:
 def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Console | None = None) -> dict:
     """Run (or continue, with ``resume``) every phase into ``run_dir``; returns ``summary.json``'s content."""
     console = console or Console()
-    run_dir = Path(run_dir)
+    rd = RunDir(Path(run_dir))
     device = dist.resolve_device(cfg.device)
     dist.init_from_env(device)  # under torchrun: before any rank looks at the run directory
     if not dist.is_main():
         console = Console(quiet=True)
     plan = prepare(cfg, console)  # nothing is written before every setting and file has been checked
     if dist.is_main():
-        open_run_dir(cfg, run_dir, resume, console)
+        open_run_dir(cfg, rd, resume, console)
     dist.barrier()
-    ledger = Ledger(run_dir / "ledger.json")
+    ledger = Ledger(rd.ledger)
     spec = get_task(cfg.task)
-    arch = _architecture(cfg, plan, run_dir, ledger, device, console)
-    model_path = run_dir / "model.fna.pt"
-    if ledger.done("finetune") and model_path.exists():
-        model, info = load_model(model_path)
+    arch = _architecture(cfg, plan, rd, ledger, device, console)
+    if ledger.done("finetune") and rd.model.exists():
+        model, info = load_model(rd.model)
         arch = info.arch
     else:
-        model, arch, provenance = _remapped_model(cfg, plan, arch, run_dir, ledger, device, console)
+        model, arch, provenance = _remapped_model(cfg, plan, arch, rd, ledger, device, console)
         train_cfg = plan.train_cfg
         console.print(f"[bold]fine-tune[/] {train_cfg.iters} iterations, batch {train_cfg.batch_size}")
         with ledger.phase("finetune", device) as clock, \
@@ -402,57 +393,51 @@ def run(cfg: RunConfig, run_dir: str | Path, resume: bool = False, console: Cons
                 bar.update(it, loss=loss)
                 clock.tick()
 
-            fit(model, spec, plan.train_set, plan.collate, train_cfg, run_dir / "finetune", resume=resume,
+            fit(model, spec, plan.train_set, plan.collate, train_cfg, rd.finetune, resume=resume,
                 progress=progress)
             if dist.is_main():
-                save_model(model_path, model, cfg.task, arch, list(plan.class_names), cfg.model_kwargs(), provenance,
+                save_model(rd.model, model, cfg.task, arch, list(plan.class_names), cfg.model_kwargs(), provenance,
                            cfg.model_dump(mode="json"))
 
-    metrics_path = run_dir / "metrics.json"
-    if ledger.done("eval") and metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text())
+    if ledger.done("eval") and rd.metrics.exists():
+        metrics = read_json(rd.metrics)
     else:
         with ledger.phase("eval", device):
-            metrics = cfg.spec.evaluate(model, plan.val_set, cfg.eval, device, plan.class_names,
-                                        run_dir / "detections.json")
+            metrics = cfg.spec.evaluate(model, plan.val_set, cfg.eval, device, plan.class_names, rd.detections)
         if dist.is_main():
-            write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
+            write_json(rd.metrics, metrics)
     summary = _summary(cfg, arch, metrics, ledger, plan.data_size, len(plan.class_names))
     if dist.is_main():
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_json(rd.summary, summary)
     console.print(f"[bold]{cfg.spec.metric}[/] {cfg.spec.format_metric(summary['metric'])} · "
                   f"{summary['madds_data'] / 1e9:.3f} GMAdds at {summary['data_size'][0]}×{summary['data_size'][1]} · "
-                  f"{summary['params'] / 1e6:.3f}M params · run in {escape(str(run_dir))}")
+                  f"{summary['params'] / 1e6:.3f}M params · run in {escape(str(rd.root))}")
     if dist.is_main():
-        from fna.report import write_report
-
-        console.print(f"[bold]report[/] {escape(str(write_report(run_dir)[1]))}", highlight=False)
+        console.print(f"[bold]report[/] {escape(str(write_report(rd.root)[1]))}", highlight=False)
     return summary
 
 
-def _architecture(cfg: RunConfig, plan: Plan, run_dir: Path, ledger: Ledger, device: torch.device,
+def _architecture(cfg: RunConfig, plan: Plan, rd: RunDir, ledger: Ledger, device: torch.device,
                   console: Console) -> Arch:
     """The given architecture, or the one the search derives (``arch.json`` once done)."""
-    arch_path = run_dir / "arch.json"
     if plan.arch is not None:
         arch = plan.arch
-    elif ledger.done("search") and arch_path.exists():
-        arch = get_arch(arch_path)
+    elif ledger.done("search") and rd.arch.exists():
+        arch = get_arch(rd.arch)
     else:
-        from fna.search import search
-
         console.print(f"[bold]search[/] {plan.search_cfg.epochs} epochs on {len(plan.train_set)} images")
         with ledger.phase("search", device) as clock:
-            arch = search(plan.search_cfg, plan.train_set, plan.collate, run_dir / "search",
-                          resume=(run_dir / "search").exists(), seed=plan.seed, on_step=lambda _: clock.tick()).arch
+            arch = search(plan.search_cfg, plan.train_set, plan.collate, rd.search.root,
+                          resume=rd.search.root.exists(), seed=plan.seed, on_step=lambda _: clock.tick()).arch
     if dist.is_main():
-        save_arch(arch, arch_path)
-        save_arch(arch, run_dir / "arch.net_config.txt")
+        save_arch(arch, rd.arch, task=cfg.task, seed=cfg.seed,
+                  source="search" if plan.arch is None else f"given: {cfg.arch}")
+        save_arch(arch, rd.net_config)
     console.print(f"[bold]architecture[/]\n{arch.describe()}", highlight=False)
     return arch
 
 
-def _remapped_model(cfg: RunConfig, plan: Plan, arch: Arch, run_dir: Path, ledger: Ledger, device: torch.device,
+def _remapped_model(cfg: RunConfig, plan: Plan, arch: Arch, rd: RunDir, ledger: Ledger, device: torch.device,
                     console: Console) -> tuple[torch.nn.Module, Arch, dict[str, Any]]:
     """The task model on ``arch`` with the seed's weights remapped into its backbone (or fresh ones), the
     architecture as built (with the seed's activation and BN eps) and the seed provenance to store."""
@@ -467,7 +452,8 @@ def _remapped_model(cfg: RunConfig, plan: Plan, arch: Arch, run_dir: Path, ledge
             backbone, report = remap_seed(plan.seed, arch, spec.taps(arch), spec.output_stride)
             note = f"{report.fraction:.1%} of the backbone's parameters inherited from the seed"
             if dist.is_main():
-                write_text_atomic(run_dir / "remap_report.md", report.to_markdown())
+                write_json(rd.remap_report, report.to_dict())
+                write_text_atomic(rd.remap_markdown, report.to_markdown())
     console.print(f"[bold]remap[/] {note}")
     return spec.head(backbone, len(plan.class_names), **cfg.model_kwargs()), backbone.arch, provenance
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -154,17 +154,37 @@ class RemapReport:
         """Fraction of the target's parameter entries that hold seed values."""
         return self.inherited / self.total if self.total else 0.0
 
+    def rows(self) -> list[list[str]]:
+        """One row per target layer: target, op, source (seed), inherited share, tensors."""
+        out = []
+        for layer in self.layers:
+            source = " ".join(filter(None, [layer.source, layer.source_op, "(duplicated)" * layer.duplicated]))
+            share = f"{layer.inherited / layer.total:.0%}" if layer.total else "—"
+            out.append([layer.target, layer.op, source, share, _describe_tensors(layer.tensors)])
+        return out
+
+    ROW_HEADER = ("target", "op", "source (seed)", "inherited", "tensors")
+
     def to_markdown(self) -> str:
         """A Markdown page: summary, notes and one table row per target layer."""
         lines = [f"# Parameter remapping: {self.seed} → {self.target}", "",
                  f"Inherited {self.inherited:,} of {self.total:,} parameters ({self.fraction:.1%}).", ""]
         lines += [f"- {n}" for n in self.notes] + ([""] if self.notes else [])
-        lines += ["| target | op | source (seed) | inherited | tensors |", "|---|---|---|---|---|"]
-        for layer in self.layers:
-            source = " ".join(filter(None, [layer.source, layer.source_op, "(duplicated)" * layer.duplicated]))
-            share = f"{layer.inherited / layer.total:.0%}" if layer.total else "—"
-            lines.append(f"| {layer.target} | {layer.op} | {source} | {share} | {_describe_tensors(layer.tensors)} |")
+        lines += ["| " + " | ".join(self.ROW_HEADER) + " |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        """Plain JSON data (``remap_report.json``); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RemapReport:
+        layers = [LayerReport(**{**layer, "tensors": [TensorReport(**{
+            **t, "src_shape": tuple(t["src_shape"]) if t["src_shape"] is not None else None,
+            "dst_shape": tuple(t["dst_shape"]), "actions": tuple(t["actions"])}) for t in layer["tensors"]]})
+            for layer in d["layers"]]
+        return cls(seed=d["seed"], target=d["target"], layers=layers, notes=list(d.get("notes", [])))
 
 
 def _describe_tensors(tensors: list[TensorReport]) -> str:

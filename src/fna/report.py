@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,9 @@ from matplotlib.patches import Patch, Rectangle
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, load_arch, parse_op
 from fna.checkpoint import write_text_atomic
 from fna.cost import COST_UNITS
+from fna.remap import RemapReport
+from fna.rundir import RunDir, read_json, read_jsonl
+from fna.seeds import SEEDS
 from fna.supernet import alpha_probs
 
 PLOTS = ("arch.png", "alpha.png", "curves.png", "lambda.png")
@@ -55,7 +57,7 @@ class RunFiles:
     search_config: dict[str, Any] = field(default_factory=dict)
     derived: dict[str, Any] | None = None  # search/arch.json: how the arch was derived and its cost
     candidates: list[list[list[str]]] | None = None  # op names per searched stage and layer
-    remap_md: str | None = None
+    remap: RemapReport | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -68,57 +70,38 @@ class RunFiles:
 
     def seed_arch(self) -> Arch | None:
         """The seed's architecture when it is known without loading weights."""
-        from fna.seeds import SEEDS
-
         name = self.config.get("seed") or self.search_config.get("seed")
         spec = SEEDS.get(name)
         return (spec.arch if spec is not None else None) or BUILTIN_ARCHS.get(name)
 
 
-def _read_json(path: Path, problems: list[str]) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        problems.append(f"{path.name}: unreadable ({e})")
-        return None
-
-
 def read_run(run_dir: str | Path) -> RunFiles:
-    """Everything the report uses from ``run_dir``."""
-    root = Path(run_dir)
-    run = RunFiles(root)
+    """Everything the report uses from ``run_dir`` (layout: :mod:`fna.rundir`)."""
+    rd = RunDir(Path(run_dir))
+    run = RunFiles(rd.root)
     p = run.problems
-    if (root / "config.yaml").is_file():
+    if rd.config.is_file():
         try:
-            run.config = yaml.safe_load((root / "config.yaml").read_text()) or {}
+            run.config = yaml.safe_load(rd.config.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            p.append(f"config.yaml: unreadable ({e})")
-    run.summary = _read_json(root / "summary.json", p)
-    run.metrics = _read_json(root / "metrics.json", p) or (run.summary or {}).get("metrics")
-    run.ledger = _read_json(root / "ledger.json", p) or (run.summary or {}).get("phases")
-    search = root / "search"
-    run.search_config = _read_json(search / "config.json", p) or {}
-    run.alpha_history = _read_json(search / "alpha_history.json", p) or []
-    run.lambdas = _read_json(search / "lambda.json", p) or []
-    run.derived = _read_json(search / "arch.json", p)
-    log = search / "search_log.jsonl"
-    if log.is_file():
-        lines = log.read_text().splitlines()
-        for line in lines:
-            try:
-                run.search_log.append(json.loads(line))
-            except ValueError:
-                p.append(f"search_log.jsonl: skipped a malformed line ({line[:40]!r})")
-    table_paths = [search / "cost_table.json"] + ([Path(run.search_config["latency_table"])]
-                                                  if run.search_config.get("latency_table") else [])
+            p.append(f"{rd.config.name}: unreadable ({e})")
+    run.summary = read_json(rd.summary, p)
+    run.metrics = read_json(rd.metrics, p) or (run.summary or {}).get("metrics")
+    run.ledger = read_json(rd.ledger, p) or (run.summary or {}).get("phases")
+    search = rd.search
+    run.search_config = read_json(search.config, p) or {}
+    run.alpha_history = read_json(search.alpha_history, p) or []
+    run.lambdas = read_json(search.lambdas, p) or []
+    run.derived = read_json(search.arch, p)
+    run.search_log = read_jsonl(search.log, p)
+    table_paths = [search.cost_table] + ([Path(run.search_config["latency_table"])]
+                                         if run.search_config.get("latency_table") else [])
     for path in table_paths:
-        table = _read_json(path, p)
+        table = read_json(path, p)
         if table and "candidates" in table:
             run.candidates = table["candidates"]
             break
-    for path in (root / "arch.json", search / "arch.json"):
+    for path in (rd.arch, search.arch):
         if path.is_file():
             try:
                 run.arch = load_arch(path)
@@ -127,8 +110,12 @@ def read_run(run_dir: str | Path) -> RunFiles:
                 p.append(str(e))
     if run.arch is None and run.summary and "arch" in run.summary:
         run.arch = Arch.from_dict(run.summary["arch"])
-    if (root / "remap_report.md").is_file():
-        run.remap_md = (root / "remap_report.md").read_text()
+    remap = read_json(rd.remap_report, p)
+    if remap is not None:
+        try:
+            run.remap = RemapReport.from_dict(remap)
+        except (KeyError, TypeError) as e:
+            p.append(f"{rd.remap_report.name}: not a remap report ({type(e).__name__}: {e})")
     return run
 
 
@@ -440,15 +427,12 @@ def _search_section(run: RunFiles, fig_dir: Path) -> list[Block]:
     return blocks
 
 
-def _remap_section(md: str) -> list[Block]:
-    lines = md.splitlines()
-    blocks: list[Block] = [line.lstrip("- ") for line in lines if line.strip() and not line.startswith(("#", "|"))]
-    table = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if line.startswith("|")]
-    if len(table) > 2:
-        rows = table[2:]
-        blocks.append(Table(table[0], rows[:REMAP_ROWS]))
-        if len(rows) > REMAP_ROWS:
-            blocks.append(f"… and {len(rows) - REMAP_ROWS} more layers.")
+def _remap_section(report: RemapReport) -> list[Block]:
+    rows = report.rows()
+    blocks: list[Block] = [f"Inherited {report.inherited:,} of {report.total:,} parameters ({report.fraction:.1%}).",
+                           *report.notes, Table(list(report.ROW_HEADER), rows[:REMAP_ROWS])]
+    if len(rows) > REMAP_ROWS:
+        blocks.append(f"… and {len(rows) - REMAP_ROWS} more layers.")
     blocks.append(Link("Full per-layer remap report: remap_report.md", "remap_report.md"))
     return blocks
 
@@ -499,9 +483,9 @@ def write_report(run_dir: str | Path, seed_arch: Arch | None = None) -> tuple[Pa
     architecture is known without weights).
     """
     run = read_run(run_dir)
-    root = run.root
+    rd = RunDir(run.root)
     seed_arch = seed_arch or run.seed_arch()
-    fig_dir = root / "report"
+    fig_dir = rd.figures
     fig_dir.mkdir(parents=True, exist_ok=True)
     for name in PLOTS:
         (fig_dir / name).unlink(missing_ok=True)
@@ -509,13 +493,13 @@ def write_report(run_dir: str | Path, seed_arch: Arch | None = None) -> tuple[Pa
                                                 ("Architecture", _arch_section(run, seed_arch, fig_dir))]
     if run.searched:
         sections.append(("Architecture search", _search_section(run, fig_dir)))
-    if run.remap_md is not None:
-        sections.append(("Parameter remapping", _remap_section(run.remap_md)))
+    if run.remap is not None:
+        sections.append(("Parameter remapping", _remap_section(run.remap)))
     sections.append(("Metrics", _metrics_section(run)))
     if run.ledger:
         sections.append(("Cost ledger", _ledger_section(run.ledger)))
-    title = f"FNA run report: {root.resolve().name}"
-    md_path, html_path = root / "report.md", root / "report.html"
-    write_text_atomic(md_path, _markdown(title, sections, root))
+    title = f"FNA run report: {rd.root.resolve().name}"
+    md_path, html_path = rd.report_markdown, rd.report_html
+    write_text_atomic(md_path, _markdown(title, sections, rd.root))
     write_text_atomic(html_path, _html(title, sections))
     return md_path, html_path

@@ -7,6 +7,6 @@ checkpoint and :mod:`~fna.search.outputs` what a search writes.
 
 from fna.search.config import SearchConfig, SearchError
 from fna.search.loop import Search, search
-from fna.search.outputs import SEARCH_FILES, SearchResult
+from fna.search.outputs import SearchResult
 
-__all__ = ["SEARCH_FILES", "Search", "SearchConfig", "SearchError", "SearchResult", "search"]
+__all__ = ["Search", "SearchConfig", "SearchError", "SearchResult", "search"]

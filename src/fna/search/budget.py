@@ -3,7 +3,6 @@ latency table), the hard budget's checks, λ's controller and the derivation ins
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ from typing import Any
 import torch
 
 from fna.arch import Arch
-from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable, best_path_within, cost_table_key, task_cost_table
 from fna.errors import FnaError
 from fna.search.config import SearchConfig, SearchError
@@ -33,7 +31,7 @@ def load_cost_table(cfg: SearchConfig, seed_arch: Arch, space: SearchSpace, cach
             return old
     table = task_cost_table(cfg.task, seed_arch, space, cfg.cost_size, cfg.num_classes)
     if cache is not None and write:
-        write_text_atomic(cache, json.dumps(table.to_dict()))
+        table.save(cache)
     return table
 
 

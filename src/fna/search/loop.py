@@ -45,10 +45,11 @@ from fna.checkpoint import seed_everything
 from fna.data.split import split_by_image
 from fna.dist import Processes
 from fna.progress import Progress
+from fna.rundir import SearchDir
 from fna.search import outputs, state
 from fna.search.budget import Budget, load_cost_table
 from fna.search.config import SearchConfig, SearchError
-from fna.search.outputs import SEARCH_FILES, SearchResult
+from fna.search.outputs import SearchResult
 from fna.seeds import Seed, load_seed
 from fna.supernet import SearchSpace, SuperBackbone
 from fna.tasks import get_task
@@ -70,9 +71,10 @@ class Search:
                  resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None) -> None:
         self.cfg = config
         self.run_dir = Path(run_dir)
-        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.files = SearchDir(self.run_dir)
+        self.ckpt_path = self.files.checkpoint
         self.on_step = on_step
-        if not resume and any((self.run_dir / name).exists() for name in SEARCH_FILES):
+        if not resume and self.files.holds_a_search():
             raise SearchError(f"{self.run_dir} already holds a search; pass --resume to continue it or choose "
                               "another --out")
         self.dist = Processes(config.device)
@@ -94,7 +96,7 @@ class Search:
         self.weight_params = [p for p in self.model.parameters() if id(p) not in arch_ids]
 
         # costs and the budget
-        self.table = load_cost_table(config, self.seed.arch, self.space, self.run_dir / "cost_table.json",
+        self.table = load_cost_table(config, self.seed.arch, self.space, self.files.cost_table,
                                      write=self.dist.main)
         self.table.check_fits(self.backbone.candidates)
         self.budget = (Budget(self.table, config.budget, config.budget_tolerance, config.lambda_gain)
@@ -188,7 +190,7 @@ class Search:
         unless that is the end: a Pareto search branches the architecture phase from there.
         """
         stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard")) if self.cfg.tensorboard and self.dist.main else None
+        writer = SummaryWriter(str(self.files.tensorboard)) if self.cfg.tensorboard and self.dist.main else None
         try:
             with Progress("search", self.cfg.epochs * self.iters_per_epoch, self.global_step,
                           enabled=self.cfg.progress and self.dist.main) as progress:

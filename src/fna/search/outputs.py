@@ -1,13 +1,8 @@
-"""What a search writes into its directory and hands back: per-epoch records, the derived architecture.
-
-Files: ``search_log.jsonl`` (one record per epoch), ``alpha_history.json``, ``arch.json`` (the derived
-architecture with how it was derived, its path and cost), ``arch.net_config.txt``, ``lambda.json``,
-``config.json``, ``cost_table.json``, ``checkpoint.pt``, ``tensorboard/``.
-"""
+"""What a search writes into its directory (:class:`fna.rundir.SearchDir`) and hands back: per-epoch
+records and the derived architecture (``arch.json`` holds how it was derived, its path and cost)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,14 +12,12 @@ import torch
 
 from fna.arch import SKIP, Arch, save_arch
 from fna.checkpoint import save_atomic, write_text_atomic
+from fna.rundir import write_json, write_jsonl
 from fna.cost import model_cost
 from fna.supernet import SinglePath
 
 if TYPE_CHECKING:
     from fna.search.loop import Search
-
-SEARCH_FILES = ("checkpoint.pt", "arch.json", "search_log.jsonl", "alpha_history.json")  # a search's outputs
-
 
 @dataclass
 class SearchResult:
@@ -66,8 +59,8 @@ def epoch_record(search: Search) -> dict[str, Any]:
 def write_epoch_files(search: Search) -> None:
     """``search_log.jsonl`` and ``alpha_history.json`` from the checkpointed state (so a resumed search
     never repeats a line)."""
-    write_text_atomic(search.run_dir / "search_log.jsonl", "".join(json.dumps(r) + "\n" for r in search.log))
-    write_text_atomic(search.run_dir / "alpha_history.json", json.dumps(search.alpha_history))
+    write_jsonl(search.files.log, search.log)
+    write_json(search.files.alpha_history, search.alpha_history, indent=None)
 
 
 def finish(search: Search) -> SearchResult:
@@ -83,14 +76,13 @@ def finish(search: Search) -> SearchResult:
             "table_cost": table.path_cost(path), "table_unit": table.unit, "budget": cfg.budget}
     result = SearchResult(arch, path, search.alphas(), cost, [x["lambda"] for x in search.lambdas], search.run_dir)
     if search.dist.main:
-        write_text_atomic(search.run_dir / "arch.json",
-                          json.dumps({"arch": arch.to_dict(), "task": cfg.task, "seed": search.seed.name,
-                                      "derive": how, "path": path, "cost": cost}, indent=2))
-        save_arch(arch, search.run_dir / "arch.net_config.txt")
-        write_text_atomic(search.run_dir / "lambda.json", json.dumps(search.lambdas))
-        write_text_atomic(search.run_dir / "config.json", json.dumps(cfg.model_dump(), indent=2))
+        save_arch(arch, search.files.arch, task=cfg.task, seed=search.seed.name, source="search", derive=how,
+                  path=path, cost=cost)
+        save_arch(arch, search.files.net_config)
+        write_json(search.files.lambdas, search.lambdas, indent=None)
+        write_json(search.files.config, cfg.model_dump())
     if cfg.debug_rank_files:
-        debug = search.run_dir / "debug"
+        debug = search.files.debug
         save_atomic(dict(backbone.alpha.items()), debug / f"alpha_rank{search.dist.rank}.pt")
         write_text_atomic(debug / f"arch_rank{search.dist.rank}.json", arch.to_json())
     return result
