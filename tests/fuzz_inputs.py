@@ -394,11 +394,12 @@ def coco_cases(draw: st.DrawFn) -> CocoCase:
     images, files = [], {}
     for i in range(draw(st.sampled_from([1, 1, 2, 2, 3, 0]))):
         w, h = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-        name = draw(st.sampled_from([f"im{i}.png"] * 6 + [f"im{i}.jpg", f"sub/im{i}.png", "x" * 300, "../outside.png",
-                                                         "im0.png"]) | TEXT) if draw(st.integers(0, 4)) else f"im{i}.png"
+        odd_names = [f"im{i}.jpg", f"sub/im{i}.png", "x" * 300, "../outside.png", "im0.png"]
+        name = draw(st.sampled_from([f"im{i}.png"] * 6 + odd_names) | TEXT) if draw(st.integers(0, 4)) else f"im{i}.png"
         if SAFE_NAME.fullmatch(name.replace("sub/", "")) and name not in files:
             files[name] = draw(image_files(w, h))
-        stated_w, stated_h = (w, h) if draw(st.integers(0, 11)) else (draw(st.integers(0, 13)), draw(st.integers(0, 13)))
+        stated_w, stated_h = (w, h) if draw(st.integers(0, 11)) else (draw(st.integers(0, 13)),
+                                                                       draw(st.integers(0, 13)))
         images.append({"id": i + 1 if draw(st.integers(0, 5)) else draw(st.integers(0, 4)), "file_name": name,
                        "width": stated_w, "height": stated_h})
     annotations = []
@@ -468,7 +469,8 @@ class SegCase:
 
 
 @st.composite
-def mask_file(draw: st.DrawFn, width: int, height: int, num_classes: int) -> tuple[bytes | None, np.ndarray | str | None]:
+def mask_file(draw: st.DrawFn, width: int, height: int,
+              num_classes: int) -> tuple[bytes | None, np.ndarray | str | None]:
     """A mask file of a random mode holding valid ids, 255 and sometimes others; and its ids where the file
     stores them exactly (``"refused"`` where they are not whole numbers)."""
     how = draw(st.sampled_from(["good"] * 8 + ["broken", "missing"]))

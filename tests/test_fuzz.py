@@ -125,3 +125,18 @@ def test_a_split_file_that_is_not_utf8_is_one_data_error(tmp_path):
     (tmp_path / "val.txt").write_bytes(b"a\xff\n")
     with pytest.raises(FnaError, match=r"val\.txt: split file is not UTF-8 text"):
         open_segmentation(tmp_path, "folder", "val")
+
+
+@pytest.mark.xfail(strict=True, raises=FnaError,
+                   reason="pipeline.open_run_dir: a kill during the first config.yaml write leaves only its .tmp, "
+                          "and the folder is then 'not a run directory' even for --resume")
+def test_a_run_killed_while_writing_its_first_config_resumes(tmp_path, mbv2_seed, one_thread):
+    from fna.data.demo import write_demo
+    from fna.pipeline import load_config, run
+
+    write_demo(tmp_path / "data", n_train=4, n_val=2, size=64, seed=1)
+    cfg = load_config(None, ["size=[48,48]", "finetune.iters=1", "finetune.batch_size=2"], task="seg",
+                      arch="mobilenet_v2", data={"root": str(tmp_path / "data"), "format": "folder"})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".config.yaml.0123abcd.tmp").write_text("task: se")  # what the killed write left
+    assert run(cfg, tmp_path / "run", resume=True)["phases"]["eval"]["done"]
