@@ -43,7 +43,10 @@ def _whole(value: Any, what: str) -> int:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise ArchError(f"{what} must be a whole number, got a {len(value.strip())}-digit string") from None
     raise ArchError(f"{what} must be a whole number, got {value!r}")
 
 
@@ -79,7 +82,11 @@ def parse_op(name: str) -> Op | None:
     m = _OP_RE.match(name)
     if not m:
         raise ArchError(f"unknown op {name!r}: expected 'k<K>_e<E>' (e.g. 'k3_e6') or 'skip'")
-    kernel, expansion = int(m.group(1)), int(m.group(2))
+    try:
+        kernel, expansion = int(m.group(1)), int(m.group(2))
+    except ValueError:  # more digits than Python converts
+        raise ArchError(f"op {name[:24]}...: kernel size and expansion must be numbers of at most 4300 digits") \
+            from None
     if kernel < 1 or kernel % 2 == 0:
         raise ArchError(f"op {name!r}: kernel size must be odd and >= 1")
     if expansion < 1:
@@ -145,6 +152,8 @@ class Arch:
         if isinstance(self.bn_eps, bool) or not isinstance(self.bn_eps, (int, float)) \
                 or not 0 < self.bn_eps < float("inf"):
             raise ArchError(f"bn_eps must be a number > 0, got {self.bn_eps!r}")
+        if not isinstance(self.name, str):
+            raise ArchError(f"name must be a string, got {self.name!r}")
         if not self.stages:
             raise ArchError("an architecture needs at least one stage")
         prev = self.stem_channels
@@ -224,7 +233,7 @@ class Arch:
         unknown = set(d) - known - {"stages"}
         if unknown:
             raise ArchError(f"unknown architecture fields: {sorted(unknown)}")
-        fields = {k: d[k] for k in known if k in d}
+        fields = {k: d[k] for k in known if k in d and not (k == "name" and d[k] is None)}
         for k in ("stem_channels", "stem_stride", "final_channels", "in_channels"):
             if k in fields:
                 fields[k] = _whole(fields[k], k)
@@ -323,6 +332,9 @@ def load_arch(path: str | Path) -> Arch:
         text = path.read_text()
     except OSError as e:
         raise ArchError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ArchError(f"{path}: not UTF-8 text (byte {e.start}); an architecture is JSON or net_config text") \
+            from None
     stripped = text.lstrip()
     try:
         if stripped.startswith("{"):
@@ -330,6 +342,9 @@ def load_arch(path: str | Path) -> Arch:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ArchError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            except (ValueError, RecursionError) as e:  # json.loads raises these for what it cannot convert
+                raise ArchError("malformed JSON: " + ("nested too deeply" if isinstance(e, RecursionError)
+                                                      else "a number too long to read")) from None
             data = data.get("arch", data)  # run files may wrap the arch with metadata
             if not isinstance(data, dict) or "stages" not in data:
                 raise ArchError("JSON has no 'stages' list")

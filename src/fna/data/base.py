@@ -31,13 +31,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``), so it prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class DataError(FnaError):
-    """A dataset file or annotation is missing or wrong; the message names it."""
+    """A dataset file or annotation is missing or wrong; the message names it (on one line, whatever the name)."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
+        self.path, self.reason = one_line(str(path)), one_line(reason)  # for display, like the message
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -54,7 +58,7 @@ def read_image(path: Path) -> tv_tensors.Image:
             pixels = to_rgb8(im, path)
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(path, f"unreadable image ({e})") from None
     return tv_tensors.Image(torch.from_numpy(pixels.transpose(2, 0, 1).copy()))
 
@@ -104,16 +108,22 @@ def read_label_png(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             if len(im.getbands()) != 1:
                 raise DataError(path, f"mask must be single-channel (L or P mode), got mode {im.mode}")
-            return np.asarray(im, dtype=np.int64)
+            values = np.asarray(im)
     except FileNotFoundError:
         raise DataError(path, "mask file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(path, f"unreadable mask ({e})") from None
+    if values.dtype.kind == "f" and not (np.isfinite(values).all() and (values == np.round(values)).all()):
+        raise DataError(path, f"float mask (mode {im.mode}) with values that are not whole numbers; ids are integers")
+    return values.astype(np.int64)
 
 
 def require_file(path: Path, what: str) -> DataError | None:
     """A :class:`DataError` when ``path`` is not a file (for the construction-time existence checks)."""
-    return None if path.is_file() else DataError(path, f"{what} not found")
+    try:
+        return None if path.is_file() else DataError(path, f"{what} not found")
+    except OSError as e:  # e.g. a name longer than the file system allows
+        return DataError(path, f"{what} cannot be looked up ({e.strerror})")
 
 
 class ItemDataset(Dataset, ABC):

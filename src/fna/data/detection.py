@@ -87,12 +87,16 @@ def load_json(path: Path) -> dict:
     if not path.is_file():
         raise DataError(path, "annotation file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(path, f"malformed JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # json.loads raises these for what it cannot convert
+        raise DataError(path, "malformed JSON (" + ("nested too deeply" if isinstance(e, RecursionError)
+                                                    else "a number too long to read") + ")") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("categories"), list):
-        raise DataError(path, "malformed COCO json: expected an object with 'images' and 'categories' lists")
+            or not isinstance(data.get("categories"), list) or not isinstance(data.get("annotations", []), list):
+        raise DataError(path, "malformed COCO json: expected an object with 'images' and 'categories' lists "
+                              "(and an 'annotations' list)")
     return data
 
 
@@ -113,8 +117,11 @@ class CocoDetection(DetectionDataset):
             categories = sorted(data["categories"], key=lambda c: int(c["id"]))
             self.label_to_cat_id = [int(c["id"]) for c in categories]
             names = tuple(str(c["name"]) for c in categories)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise DataError(self.ann_file, f"malformed category entry ({e!r})") from None
+        if len(set(self.label_to_cat_id)) < len(self.label_to_cat_id):
+            twice = sorted({c for c in self.label_to_cat_id if self.label_to_cat_id.count(c) > 1})
+            raise DataError(self.ann_file, f"category ids {twice} are listed more than once")
         super().__init__(self.images_dir, names, transforms, skip_bad)
         self.cat_id_to_label = {c: i for i, c in enumerate(self.label_to_cat_id)}
 
@@ -123,8 +130,10 @@ class CocoDetection(DetectionDataset):
             try:
                 item = DetItem(int(rec["id"]), self.images_dir / rec["file_name"], int(rec["width"]),
                                int(rec["height"]))
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
                 raise DataError(self.ann_file, f"malformed image entry #{k} ({e!r})") from None
+            if item.image_id in candidates:
+                raise DataError(self.ann_file, f"image entry #{k}: image id {item.image_id} is listed more than once")
             missing = require_file(item.path, f"image file (listed in {self.ann_file.name} as image id "
                                               f"{item.image_id})")
             candidates[item.image_id] = (item, missing)
@@ -135,9 +144,11 @@ class CocoDetection(DetectionDataset):
     def _add_annotation(self, k: int, ann: dict, candidates: dict[int, tuple[DetItem, DataError | None]]) -> None:
         """Validate one annotation and append it to its image, or mark the image bad."""
         try:
+            if not isinstance(ann, dict):
+                raise TypeError(f"expected an object, got {type(ann).__name__}")
             ann_id, image_id, cat_id = ann.get("id", k), int(ann["image_id"]), int(ann["category_id"])
             x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             self.reject(DataError(self.ann_file, f"malformed annotation #{k} ({e!r})"))
             return
         if image_id not in candidates:

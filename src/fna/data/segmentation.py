@@ -98,7 +98,15 @@ def read_split_file(path: Path) -> list[str]:
     """Non-empty, stripped lines of a split file (one image stem per line)."""
     if not path.is_file():
         raise DataError(path, "split file not found")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [line.split()[0] for line in read_text(path, "split file").splitlines() if line.strip()]
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; :class:`DataError` naming ``what`` if it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"{what} is not UTF-8 text (byte {e.start})") from None
 
 
 class VOCSegmentation(SegmentationDataset):
@@ -118,7 +126,7 @@ def read_class_names(path: Path) -> tuple[str, ...]:
     """Class names, one per line (line i is class id i)."""
     if not path.is_file():
         raise DataError(path, "class-name file not found")
-    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    names = tuple(line.strip() for line in read_text(path, "class-name file").splitlines() if line.strip())
     if not names:
         raise DataError(path, "class-name file is empty")
     if len(names) > IGNORE_INDEX:
