@@ -127,9 +127,6 @@ def test_a_split_file_that_is_not_utf8_is_one_data_error(tmp_path):
         open_segmentation(tmp_path, "folder", "val")
 
 
-@pytest.mark.xfail(strict=True, raises=FnaError,
-                   reason="pipeline.open_run_dir: a kill during the first config.yaml write leaves only its .tmp, "
-                          "and the folder is then 'not a run directory' even for --resume")
 def test_a_run_killed_while_writing_its_first_config_resumes(tmp_path, mbv2_seed, one_thread):
     from fna.data.demo import write_demo
     from fna.pipeline import load_config, run

@@ -29,7 +29,7 @@ from rich.markup import escape
 from fna import dist
 from fna.arch import Arch, get_arch, save_arch
 from fna.artifact import load_model, save_model
-from fna.checkpoint import seed_everything, write_text_atomic
+from fna.checkpoint import clear_stale_tmp, seed_everything, write_text_atomic
 from fna.cost import model_cost
 from fna.errors import FnaError
 from fna.evaluate import EvalConfig
@@ -275,6 +275,8 @@ def open_run_dir(cfg: RunConfig, rd: RunDir, resume: bool, console: Console) -> 
     run_dir, config_path = rd.root, rd.config
     if run_dir.exists() and not run_dir.is_dir():
         raise FnaError(f"{run_dir}: --out names a file, not a directory")
+    if run_dir.is_dir():
+        clear_stale_tmp(config_path)  # what a kill during the first config write leaves is not a run
     new = cfg.model_dump(mode="json")
     phases = read_json(rd.ledger) or {}
     if config_path.is_file() and phases:
