@@ -116,6 +116,9 @@ def test_adapt_runs_every_phase_on_each_segmentation_layout(layout, tmp_path, mb
     arch = json.loads((tmp_path / "run" / "arch.json").read_text())
     assert summary["arch"]["stages"] == arch["arch"]["stages"] and len(arch["arch"]["stages"]) == 7
     assert (arch["task"], arch["source"]) == ("seg", "search")
+    phases = summary["phases"]
+    assert summary["search_over_finetune"] == round(phases["search"]["seconds"] / phases["finetune"]["seconds"], 4)
+    assert (tmp_path / "run" / "search" / "diagnostics.json").is_file()
     assert (tmp_path / "run" / "search" / "alpha_history.json").exists()
     _assert_metric_recomputes(summary, tmp_path / "run", root, layout)
 

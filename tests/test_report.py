@@ -135,3 +135,10 @@ def test_pipeline_run_ends_with_the_report(tmp_path, mbv2_seed):
     page = (tmp_path / "run" / "report.html").read_text()
     assert f"{summary['metric']:.4f}" in page and "finetune" in page
     assert (tmp_path / "run" / "report" / "arch.png").is_file()
+
+
+def test_report_says_whether_the_search_decided_anything(adapt_dir):
+    d = json.loads((adapt_dir / "search" / "diagnostics.json").read_text())
+    html = (adapt_dir / "report.html").read_text()
+    assert "Did the search decide?" in html and d["summary"].split(";")[0] in html
+    assert html.count("<tr>") >= len(d["layers"])  # one row per searched layer

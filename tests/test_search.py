@@ -182,3 +182,73 @@ def test_two_process_torchrun_derives_the_same_alpha_and_arch_on_both_ranks(tmp_
     assert any(not torch.equal(a0[k], torch.zeros_like(a0[k])) for k in a0)
     assert (debug / "arch_rank0.json").read_text() == (debug / "arch_rank1.json").read_text()
     assert (tmp_path / "arch.json").is_file()
+
+
+def test_the_cost_term_sums_only_the_searched_layers_candidates(tmp_path):
+    s = _search(tmp_path)
+    with torch.no_grad():
+        for a in s.arch_params:
+            a.zero_()  # uniform α: C is the sum of each searched layer's mean candidate cost
+    mean_costs = sum(sum(c) / len(c) for stage in s.table.layers for c in stage)
+    with torch.no_grad():
+        assert float(s.searched_cost()) == pytest.approx(mean_costs * 1e-9, rel=1e-6)  # float32 α
+        assert float(s.expected_cost()) == pytest.approx((mean_costs + s.table.fixed) * 1e-9, rel=1e-6)
+    assert s.table.fixed > 0.2 * mean_costs  # so the two really differ here
+
+
+def test_single_paths_are_sampled_from_softmax_alpha_without_the_mixed_forwards_temperature():
+    from fna.supernet import SuperBackbone
+
+    net = SuperBackbone(tiny_seed().arch, tiny_space(), ("stage4",), temperature=0.9)
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.zero_()
+            a[..., 0] = 2.0
+    gen = torch.Generator().manual_seed(0)
+    first = [net.sample_path(gen)[0][0] for _ in range(4000)]
+    share = first.count(0) / len(first)
+    plain, tempered = (float(torch.softmax(torch.tensor([2.0, 0, 0, 0]) / t, 0)[0]) for t in (1.0, 0.9))
+    assert abs(share - plain) < 0.022 < abs(share - tempered)  # 0.711 vs 0.755; 4000 draws: std ≈ 0.007
+    assert float(net.layer_probs()[0][0][0].detach()) == pytest.approx(tempered)  # the mixed forward keeps T
+
+
+def test_ssdlite_search_schedule_is_the_papers():
+    ssd = SearchConfig.for_task("ssdlite")
+    assert (ssd.schedule, ssd.milestones, ssd.warmup_iters, ssd.warmup_factor, ssd.gamma) == \
+        ("step", [18 / 30, 25 / 30, 28 / 30], 500, 1 / 3, 0.1)
+
+
+class _Tagged(torch.utils.data.Dataset):
+    """SegData whose images say which pipeline produced them (+1000: augmented)."""
+
+    def __init__(self, augmented: bool) -> None:
+        self.data, self.augmented = SegData(8), augmented
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, mask = self.data[i]
+        return image + (1000.0 if self.augmented else 0.0), mask
+
+
+@pytest.mark.parametrize("augment,weights_aug,arch_aug", [("arch", False, True), ("weights", True, False),
+                                                          ("both", True, True), ("none", False, False)])
+def test_the_config_says_which_half_gets_the_augmented_pipeline(augment, weights_aug, arch_aug, tmp_path):
+    s = Search(_config(augment=augment), _Tagged(True), seg_collate, tmp_path, seed=tiny_seed(),
+               plain_dataset=_Tagged(False))
+    assert (float(s.weight_set[0][0].mean()) > 500) == weights_aug
+    assert (float(s.arch_set[0][0].mean()) > 500) == arch_aug
+    assert SearchConfig.for_task("seg").augment == "arch"  # the original code's default
+
+
+def test_every_search_writes_diagnostics_that_agree_with_its_layers(tmp_path):
+    search(_config(epochs=4), SegData(8), seg_collate, tmp_path, seed=tiny_seed())
+    d = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert d["arch_steps"] == 6 and len(d["layers"]) == 7
+    tested = [layer for layer in d["layers"] if layer["significant"] is not None]
+    assert d["decided_fraction"] == sum(layer["significant"] for layer in tested) / len(tested)
+    assert all(0 <= layer["alpha_entropy"] <= 1 and 0 <= layer["decision_margin"] <= 1 for layer in d["layers"])
+    state = d["supernet_at_arch_start"]
+    assert state["epoch"] == 1 and state["score_name"] == "pixel accuracy" and 0 <= state["trivial_score"] <= 1
+    assert d["summary"].startswith("The search decided")

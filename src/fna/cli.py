@@ -350,9 +350,11 @@ def search_cmd(
     h, w = cfg.cost_size or get_task(task).paper_size
     console.print(f"costs and budget counted at {h}×{w} ({counted})", markup=False, highlight=False)
     if pareto:
-        _pareto(cfg, pareto.split(","), dataset, collate, data, fmt, val_split, skip_bad, out, resume)
+        _pareto(cfg, pareto.split(","), dataset, run.spec.without_augmentation(dataset, run.input_size, run.scale),
+                collate, data, fmt, val_split, skip_bad, out, resume)
         return
-    result = search(cfg, dataset, collate, out, resume=resume)
+    plain = run.spec.without_augmentation(dataset, run.input_size, run.scale)
+    result = search(cfg, dataset, collate, out, resume=resume, plain_dataset=plain)
     console.print(result.arch.describe(), highlight=False)
     console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
                   f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", markup=False,
@@ -375,15 +377,16 @@ def _data_cost_size(run: RunConfig, data: Path, fmt: str, splits: tuple[str, str
     return data_input_size(run, sample), f"{note}, {how}; as in fna adapt"
 
 
-def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, collate: Callable, data: Path, fmt: str,
-            val_split: str, skip_bad: bool, out: Path, resume: bool) -> None:
+def _pareto(cfg: SearchConfig, budgets: list[str], dataset: Dataset, plain: Dataset, collate: Callable, data: Path,
+            fmt: str, val_split: str, skip_bad: bool, out: Path, resume: bool) -> None:
     """Run a Pareto search (see :mod:`fna.pareto`) and print its set."""
     from fna.pareto import pareto_search
     from fna.tasks import get_task
     from fna.pipeline import eval_dataset
 
     val = eval_dataset(cfg.task, data, fmt, val_split, skip_bad)
-    points = pareto_search(cfg, budgets, dataset, collate, val, out, tuple(dataset.class_names), resume)
+    points = pareto_search(cfg, budgets, dataset, collate, val, out, tuple(dataset.class_names), resume,
+                           plain_dataset=plain)
     table = Table(title=escape(f"Pareto set · {cfg.task} · scored on {len(val)} {val_split} images"))
     for col in ("budget", "cost", points[0].metric_name, "architecture file"):
         table.add_column(col)

@@ -151,10 +151,14 @@ class CostTable:
         flat = [layer for stage in self.layers for layer in stage]
         return self.fixed + sum(min(c) for c in flat), self.fixed + sum(max(c) for c in flat)
 
-    def expected(self, probs: list[list[torch.Tensor]]) -> torch.Tensor:
-        """``fixed + Σ_layers Σ_k p_k · cost_k`` in the loss unit (GMAdds or ms), differentiable in ``probs``."""
+    def expected(self, probs: list[list[torch.Tensor]], whole: bool = False) -> torch.Tensor:
+        """``Σ_layers Σ_k p_k · cost_k`` over the searched layers — the ``C`` of the search's loss (SPEC §4)
+        — in the loss unit (GMAdds or ms), differentiable in ``probs``; ``whole`` adds the fixed parts
+        (the whole network's expected cost, which a budget constrains)."""
         scale = COST_UNITS[self.unit]
-        total = torch.zeros((), dtype=probs[0][0].dtype, device=probs[0][0].device) + self.fixed * scale
+        total = torch.zeros((), dtype=probs[0][0].dtype, device=probs[0][0].device)
+        if whole:
+            total = total + self.fixed * scale
         for stage_p, stage_c in zip(probs, self.layers):
             for p, c in zip(stage_p, stage_c):
                 total = total + (p * torch.tensor(c, dtype=p.dtype, device=p.device) * scale).sum()

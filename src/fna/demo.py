@@ -122,7 +122,8 @@ def run_task(task: str, data: Path, out: Path, scale: float, seed_weights: str |
         summary = run(cfg, run_dir, resume=resume and (run_dir / "config.yaml").exists(), console=console)
         rows.append({"task": task, "variant": variant, "metric_name": summary["metric_name"],
                      "metric": summary["metric"], "madds": summary["madds_data"], "params": summary["params"],
-                     "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir)})
+                     "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir),
+                     "search_over_finetune": summary["search_over_finetune"]})
     return rows
 
 
@@ -139,11 +140,13 @@ def run_demo(out: Path, seed_weights: str | None = None, scale: float = 1.0, res
     for task in DEMO_TASKS:
         rows += run_task(task, data, out, scale, seed_weights, resume, console)
     table = Table(title=f"FNA demo · identical fine-tuning budget per task · scale {scale}")
-    for col in ("task", "variant", "metric", "MAdds", "params", "seconds"):
+    for col in ("task", "variant", "metric", "MAdds", "params", "seconds", "search ÷ fine-tune"):
         table.add_column(col, justify="left" if col in ("task", "variant") else "right")
     for r in rows:
-        table.add_row(r["task"], r["variant"], f"{r['metric_name']} {get_task(r['task']).format_metric(r['metric'])}", f"{r['madds'] / 1e6:.1f}M",
-                      f"{r['params'] / 1e6:.3f}M", f"{r['seconds']:.0f}")
+        ratio = r["search_over_finetune"]
+        table.add_row(r["task"], r["variant"], f"{r['metric_name']} {get_task(r['task']).format_metric(r['metric'])}",
+                      f"{r['madds'] / 1e6:.1f}M", f"{r['params'] / 1e6:.3f}M", f"{r['seconds']:.0f}",
+                      "—" if ratio is None else f"{ratio:.2f}")
     console.print(table)
     summary = {"rows": rows, "scale": scale, "seconds": round(time.perf_counter() - t0, 1),
                "random_seeds": 1, **checks}

@@ -109,7 +109,7 @@ def recalibrate_bn(model: nn.Module, search: Search, batches: int) -> None:
 
 def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, collate_fn: Any, val_set: Dataset,
                   run_dir: str | Path, class_names: tuple[str, ...] = (), resume: bool = False, seed: Any = None,
-                  calib_batches: int = 4) -> list[ParetoPoint]:
+                  calib_batches: int = 4, plain_dataset: Dataset | None = None) -> list[ParetoPoint]:
     """Warm up once, branch the architecture phase per budget, score each derived net; write the set.
 
     ``budgets``: see :func:`resolve_budgets`. Writes a :class:`~fna.rundir.ParetoDir`.
@@ -123,7 +123,8 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
     seed = seed or load_seed(config.seed, config.seed_weights)
     shared = config.model_copy(update={"budget_madds": None, "budget_latency_ms": None})
     warm_dir = files.warmup
-    warm = Search(shared, dataset, collate_fn, warm_dir.root, resume and warm_dir.checkpoint.is_file(), seed)
+    warm = Search(shared, dataset, collate_fn, warm_dir.root, resume and warm_dir.checkpoint.is_file(), seed,
+                  plain_dataset=plain_dataset)
     warm.run(until_epoch=config.arch_start_epoch)
     resolved = resolve_budgets(budgets, warm.table, seed.arch)
     field = "budget_latency_ms" if warm.table.unit == "ms" else "budget_madds"
@@ -136,7 +137,8 @@ def pareto_search(config: SearchConfig, budgets: list[str], dataset: Dataset, co
         branch_dir.root.mkdir(parents=True, exist_ok=True)
         if not branch_dir.checkpoint.is_file():
             shutil.copyfile(warm_dir.checkpoint, branch_dir.checkpoint)
-        branch = Search(config.model_copy(update={field: budget}), dataset, collate_fn, branch_dir.root, True, seed)
+        branch = Search(config.model_copy(update={field: budget}), dataset, collate_fn, branch_dir.root, True, seed,
+                        plain_dataset=plain_dataset)
         result = branch.run()
         model = derived_model(branch, result.path)
         recalibrate_bn(model, branch, calib_batches)

@@ -56,6 +56,7 @@ class RunFiles:
     lambdas: list[dict[str, Any]] = field(default_factory=list)
     search_config: dict[str, Any] = field(default_factory=dict)
     derived: dict[str, Any] | None = None  # search/arch.json: how the arch was derived and its cost
+    diagnostics: dict[str, Any] | None = None  # search/diagnostics.json: did the search decide anything
     candidates: list[list[list[str]]] | None = None  # op names per searched stage and layer
     remap: RemapReport | None = None
     problems: list[str] = field(default_factory=list)
@@ -93,6 +94,7 @@ def read_run(run_dir: str | Path) -> RunFiles:
     run.alpha_history = read_json(search.alpha_history, p) or []
     run.lambdas = read_json(search.lambdas, p) or []
     run.derived = read_json(search.arch, p)
+    run.diagnostics = read_json(search.diagnostics, p)
     run.search_log = read_jsonl(search.log, p)
     table_paths = [search.cost_table] + ([Path(run.search_config["latency_table"])]
                                          if run.search_config.get("latency_table") else [])
@@ -342,11 +344,14 @@ def plot_lambda(log: list[dict[str, Any]], lambdas: list[dict[str, Any]], budget
         lam_ax, ratio_ax = fig.subplots(1, 2)
         steps = [r["global_step"] for r in lambdas]
         lam_ax.plot(steps, [r["lambda"] for r in lambdas], "-")
-        lam_ax.set(xlabel="weight step", ylabel="λ", title="λ (integral controller toward the budget)")
-        ratio_ax.plot(steps, [r["derived_cost"] / budget for r in lambdas], "-", color="#dd8452")
+        lam_ax.set(xlabel="weight step", ylabel="λ", title="λ (bounded multiplier toward the budget)")
+        ratio_ax.plot(steps, [r.get("expected_cost", math.nan) / budget for r in lambdas], "-", color="#4c72b0",
+                      label="expected under softmax(α)")
+        ratio_ax.plot(steps, [r["derived_cost"] / budget for r in lambdas], "-", color="#dd8452",
+                      label="derived (argmax) path")
         ratio_ax.axhline(1.0, color="#c44e52", lw=1, label="budget")
         ratio_ax.axhspan(1 - tolerance, 1 + tolerance, color="#c44e52", alpha=0.12, lw=0, label=f"±{tolerance:.0%}")
-        ratio_ax.set(xlabel="weight step", ylabel="derived cost ÷ budget", title="derived architecture vs budget")
+        ratio_ax.set(xlabel="weight step", ylabel="cost ÷ budget", title="architecture cost vs budget")
         ratio_ax.legend(fontsize=8)
     else:
         lam_ax = fig.subplots()
@@ -427,6 +432,28 @@ def _search_section(run: RunFiles, fig_dir: Path) -> list[Block]:
     return blocks
 
 
+def _decision_section(d: dict[str, Any]) -> list[Block]:
+    """diagnostics.json: one sentence, its warnings, the super network when architecture steps began, and
+    a per-layer view."""
+    blocks: list[Block] = [d.get("summary", ""), *[f"Warning: {w}" for w in d.get("warnings", [])]]
+    state = d.get("supernet_at_arch_start") or {}
+    if state.get("score_name"):
+        loss = "" if state.get("train_loss") is None else f"training loss {state['train_loss']:.4f}, "
+        blocks.append(f"When architecture steps began (epoch {state['epoch']}): {loss}{state['score_name']} "
+                      f"{state['score']:.3f} on architecture-half batches (trivial predictor "
+                      f"{state['trivial_score']:.3f}).")
+
+    def mark(v: bool | None) -> str:
+        return "—" if v is None else ("yes" if v else "no")
+
+    rows = [[f"{layer['stage']}.{layer['layer']}", layer["chosen"], f"{layer['prob']:.3f}",
+             f"{layer['decision_margin']:.3f}", f"{layer['alpha_entropy']:.3f}", mark(layer["significant"]),
+             mark(layer.get("task_significant"))] for layer in d.get("layers", [])]
+    blocks.append(Table(["stage.layer", "chosen", "p", "margin (top-1 − top-2)", "entropy / max", "significant",
+                         "by the task loss"], rows))
+    return blocks
+
+
 def _remap_section(report: RemapReport) -> list[Block]:
     rows = report.rows()
     blocks: list[Block] = [f"Inherited {report.inherited:,} of {report.total:,} parameters ({report.fraction:.1%}).",
@@ -493,6 +520,8 @@ def write_report(run_dir: str | Path, seed_arch: Arch | None = None) -> tuple[Pa
                                                 ("Architecture", _arch_section(run, seed_arch, fig_dir))]
     if run.searched:
         sections.append(("Architecture search", _search_section(run, fig_dir)))
+    if run.diagnostics:
+        sections.append(("Did the search decide?", _decision_section(run.diagnostics)))
     if run.remap is not None:
         sections.append(("Parameter remapping", _remap_section(run.remap)))
     sections.append(("Metrics", _metrics_section(run)))

@@ -14,7 +14,8 @@ A run directory (``fna adapt`` / ``fna train``)::
 
 A search directory (``search/`` of a run, or ``fna search --out``): ``checkpoint.pt``,
 ``cost_table.json``, ``search_log.jsonl`` (one record per epoch), ``alpha_history.json``,
-``lambda.json``, ``config.json``, ``arch.json``, ``arch.net_config.txt``, ``tensorboard/``, ``debug/``.
+``lambda.json``, ``config.json``, ``arch.json``, ``arch.net_config.txt``, ``diagnostics.json`` (did the
+search decide anything, :mod:`fna.search.diagnostics`), ``tensorboard/``, ``debug/``.
 
 A Pareto search (``fna search --pareto``): ``warmup/`` and ``branches/<budget>/`` (search
 directories), ``pareto/arch_<budget>.json``, ``pareto/pareto.json``, ``pareto/pareto.png``.
@@ -105,6 +106,10 @@ class SearchDir:
     @property
     def net_config(self) -> Path:
         return self.root / "arch.net_config.txt"
+
+    @property
+    def diagnostics(self) -> Path:
+        return self.root / "diagnostics.json"
 
     @property
     def tensorboard(self) -> Path:

@@ -342,10 +342,14 @@ class SuperBackbone(TapBackbone):
         self.path = path
 
     def sample_path(self, generator: torch.Generator | None = None, uniform: bool = False) -> SinglePath:
-        """One candidate per layer, uniformly or from ``softmax(α / temperature)`` (not set; see ``set_path``)."""
+        """One candidate per layer, uniformly or from ``softmax(α)`` (not set; see ``set_path``).
+
+        The temperature applies to the mixed forward only: SSDLite's weighted sum uses
+        ``softmax(α / 0.9)`` while its single paths are sampled from ``softmax(α)`` (SPEC §4).
+        """
         path = []
         with torch.no_grad():
-            for probs in self.layer_probs():
+            for probs in alpha_probs(self.alpha, 1.0):
                 p = [torch.ones(len(q)) if uniform else q.detach().float().cpu() for q in probs]
                 path.append([int(torch.multinomial(q, 1, generator=generator)) for q in p])
         return path

@@ -72,15 +72,16 @@ def normalize() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def seg_train_transforms(crop: tuple[int, int] = (769, 769),
-                         scale: tuple[float, float] = (0.75, 2.0)) -> v2.Compose:
-    """Random scale, random ``crop`` (h, w) padding the image with 0 and the mask with 255, flip, normalise."""
-    return v2.Compose([
-        RandomScale(scale),
-        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
-        v2.RandomHorizontalFlip(),
-        normalize(),
-    ])
+def seg_train_transforms(crop: tuple[int, int] = (769, 769), scale: tuple[float, float] = (0.75, 2.0),
+                         augment: bool = True) -> v2.Compose:
+    """Random scale, random ``crop`` (h, w) padding the image with 0 and the mask with 255, flip, normalise.
+
+    ``augment=False``: the crop alone (at a random place, so batches keep one size), no scaling or flip.
+    """
+    crop_t = v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX})
+    if not augment:
+        return v2.Compose([crop_t, normalize()])
+    return v2.Compose([RandomScale(scale), crop_t, v2.RandomHorizontalFlip(), normalize()])
 
 
 def seg_eval_transforms() -> v2.Compose:
@@ -99,26 +100,30 @@ def sanitize() -> v2.SanitizeBoundingBoxes:
     return v2.SanitizeBoundingBoxes(labels_getter=per_box_fields)
 
 
-def retinanet_train_transforms(min_size: int = 800, max_size: int = 1333) -> v2.Compose:
+def retinanet_train_transforms(min_size: int = 800, max_size: int = 1333, augment: bool = True) -> v2.Compose:
     """Resize keeping the ratio (short side ``min_size``, long side at most ``max_size``; any pair, e.g.
-    square ``128, 128``, by the detector's own rule :func:`detector_resize_size`), flip, to [0, 1]."""
+    square ``128, 128``, by the detector's own rule :func:`detector_resize_size`), flip, to [0, 1].
+    ``augment=False``: no flip."""
     return v2.Compose([
         ResizeWithin(min_size, max_size),
-        v2.RandomHorizontalFlip(),
+        *([v2.RandomHorizontalFlip()] if augment else []),
         sanitize(),
         v2.ToDtype(torch.float32, scale=True),
     ])
 
 
-def ssdlite_train_transforms(size: int = 320) -> v2.Compose:
+def ssdlite_train_transforms(size: int = 320, augment: bool = True) -> v2.Compose:
     """SSD augmentation: photometric distortion, zoom-out (mean fill), IoU crop, flip, resize to
-    ``size``×``size``, drop degenerate boxes, to [0, 1]."""
+    ``size``×``size``, drop degenerate boxes, to [0, 1]. ``augment=False``: the resize alone."""
     mean_pixel = [round(255 * m) for m in IMAGENET_MEAN]
-    return v2.Compose([
+    augmentation = [
         v2.RandomPhotometricDistort(p=1.0),
         v2.RandomZoomOut(fill={tv_tensors.Image: mean_pixel, "others": 0}),
         v2.RandomIoUCrop(),
         v2.RandomHorizontalFlip(),
+    ]
+    return v2.Compose([
+        *(augmentation if augment else []),
         v2.Resize((size, size), antialias=True),
         sanitize(),
         v2.ToDtype(torch.float32, scale=True),

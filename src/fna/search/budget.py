@@ -1,8 +1,15 @@
 """What an architecture costs during a search: the per-candidate cost table (MAdds, or a measured
-latency table), the hard budget's checks, λ's controller and the derivation inside the budget."""
+latency table), the hard budget's checks, λ's controller and the derivation inside the budget.
+
+The architecture loss's ``C`` sums only the *searched* layers' candidates (SPEC §4): the fixed parts
+(stem, first block, final conv, neck, heads) would only dilute its gradient — for RetinaNet at 800×1088
+the searched layers are ≈ 3.5 % of the whole network, so a whole-network ``C`` would act ≈ 28× weaker.
+The budget, which users give for the whole network, is compared with the whole network's cost.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,15 +73,27 @@ def check_latency_table(table: CostTable, mine: dict[str, Any], cfg: SearchConfi
 
 
 class Budget:
-    """A hard budget ``budget ± tolerance`` (table unit) on the derived architecture's cost.
+    """A hard budget ``budget ± tolerance`` (table unit) on the derived architecture's cost, held by a
+    bounded multiplier on λ.
 
-    λ follows the derived architecture's cost toward the budget after every architecture step (an
-    integral controller: ``λ += gain · (cost / budget − 1)``), and the final derivation takes the most
-    probable path inside the band when the argmax path misses it.
+    After every architecture step λ follows the *expected* whole-network cost ``E[C]`` under softmax(α)
+    (smooth in α, unlike the argmax path's cost): with ``e = ln(E[C] / budget)``,
+
+    * inside the dead band ``|e| ≤ ln(1 + tolerance / 2)`` λ is held, so it does not dither once there;
+    * otherwise ``λ ← clip(λ + gain · scale · clip(e, −0.1, 0.1), 0, λ_max)`` with ``scale = max(λ₀, 0.01)``:
+      each step is bounded, λ never turns negative (that would reward expensive ops) and it cannot wind
+      up past ``λ_max``, so a long search does not build up an oscillation.
+
+    Without a budget no :class:`Budget` exists and λ stays the paper's fixed value. The final derivation
+    takes the argmax path when it is inside the band, else the most probable path inside it.
     """
 
-    def __init__(self, table: CostTable, budget: float, tolerance: float, gain: float) -> None:
+    STEP = 0.1  # the largest |ln(E[C] / budget)| one step acts on
+
+    def __init__(self, table: CostTable, budget: float, tolerance: float, gain: float, lam0: float,
+                 lam_max: float) -> None:
         self.table, self.budget, self.tolerance, self.gain = table, budget, tolerance, gain
+        self.scale, self.lam_max = max(lam0, 0.01), lam_max
         unit = "MAdds" if table.unit == "madds" else "ms"
         lo, hi = table.bounds()
         if lo > budget * (1 + tolerance):
@@ -96,10 +115,13 @@ class Budget:
         return best_path_within(self.table, log_probs, self.budget * (1 - self.tolerance),
                                 self.budget * (1 + self.tolerance))
 
-    def update(self, lam: float, path: SinglePath) -> tuple[float, float]:
-        """λ after an architecture step that leaves ``path`` as the argmax; and that path's cost."""
-        derived = self.table.path_cost(path)
-        return lam + self.gain * (derived / self.budget - 1), derived
+    def update(self, lam: float, expected: float) -> float:
+        """λ after an architecture step that leaves the expected whole-network cost at ``expected``
+        (table unit)."""
+        e = math.log(max(expected, 1e-30) / self.budget)
+        if abs(e) <= math.log1p(self.tolerance / 2):
+            return lam
+        return min(max(lam + self.gain * self.scale * max(-self.STEP, min(self.STEP, e)), 0.0), self.lam_max)
 
     def derive(self, argmax: SinglePath, probs: list[list[torch.Tensor]]) -> tuple[SinglePath, str]:
         """The final path and how it was derived."""

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
@@ -48,7 +48,11 @@ class SearchConfig(OptimConfig):
     budget_latency_ms: float | None = Field(None, gt=0)
     latency_table: str | None = None
     budget_tolerance: float = 0.05
-    lambda_gain: float = Field(0.1, ge=0)
+    lambda_gain: float = Field(1.0, ge=0)  # λ moves by at most gain × 0.1 × max(λ₀, 0.01) per arch step
+    lambda_max: float = Field(10.0, gt=0)  # the bound of λ under a budget
+    # data: which half's batches get the task's training augmentation; the other half gets the training
+    # pipeline without it (the original code: architecture batches augmented, weight batches plain)
+    augment: Literal["arch", "weights", "both", "none"] = "arch"
     # reproducibility, output
     split_seed: int = 0
     random_seed: int = 0

@@ -6,9 +6,9 @@ Per epoch over the weight half of the data:
 * afterwards: one architecture step (every candidate, softmax(α)-weighted, weights frozen, Adam on α)
   before every ``weight_steps_per_arch_step`` weight steps on paths sampled from softmax(α).
 
-The architecture loss is ``L_task + λ·log_τ(C)`` with ``C`` the expected cost from the per-candidate
-cost table (GMAdds, or ms with a latency table); with a hard budget λ is steered toward it
-(:mod:`fna.search.budget`). The training data is split 50/50 by image with a fixed seed;
+The architecture loss is ``L_task + λ·log_τ(C)`` with ``C`` the searched layers' expected cost from the
+per-candidate cost table (GMAdds, or ms with a latency table; the fixed parts are left out, SPEC §4);
+with a hard budget λ is steered by the whole network's expected cost (:mod:`fna.search.budget`). The training data is split 50/50 by image with a fixed seed;
 ``batch_size`` is the *total* batch over all processes, so a run's schedule does not change with the
 number of processes.
 
@@ -22,10 +22,15 @@ do not drift them. Only rank 0 writes.
 Segmentation defaults (not published, SPEC §2): the optimiser and poly schedule of DeepLabv3
 fine-tuning (SPEC §5); warm-up for the first half of the epochs as in both published schedules
 (8/14, 15/30); 1 architecture : 1 weight step as for RetinaNet, since a dense per-pixel loss gives a
-low-variance α gradient per batch; λ = 0.15 as for SSDLite, because the pull of ``λ·log C`` on a
-layer's α scales with λ times the layer's share of the whole cost, and that share is similar for
-DeepLabv3 OS16 (searched layers ≈ 75% of 24.5 GMAdds) and SSDLite (≈ 65% of 0.8 GMAdds), while it is
-≈ 5% for RetinaNet (its head dominates), whose λ 0.02 would leave the cost term ineffective.
+low-variance α gradient per batch. λ: with ``C`` over the searched layers only, the pull of
+``λ·log_τ C`` on candidate k of a layer is ``λ·(c_k − E_layer[c]) / (C·ln τ)``, so what a unit of λ does
+depends only on how the searched cost spreads over layers and candidates — and that is alike for the
+three tasks at the paper's sizes (a layer's cost spread ÷ C averages 0.059 for DeepLabv3 OS16, 0.073
+for RetinaNet, 0.071 for SSDLite). The paper's two values (0.02, 0.15) then differ by the scale of the
+task losses' α gradients, which it does not report. We take SSDLite's 0.15: like DeepLabv3's per-pixel
+cross-entropy it is a mean over many O(1) terms, while RetinaNet's focal loss is normalised by its few
+positive anchors. This is a reasoned default, not a measured one; ``bench/search_quality.py`` measures
+what a given λ finds.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch.utils.data import Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
 
 from fna.checkpoint import seed_everything
+from fna.cost import COST_UNITS
 from fna.data.split import split_by_image
 from fna.dist import Processes
 from fna.progress import Progress
@@ -49,6 +55,7 @@ from fna.rundir import SearchDir
 from fna.search import outputs, state
 from fna.search.budget import Budget, load_cost_table
 from fna.search.config import SearchConfig, SearchError
+from fna.search.diagnostics import ArchGradients, layer_gradients, supernet_state
 from fna.search.outputs import SearchResult
 from fna.seeds import Seed, load_seed
 from fna.supernet import SearchSpace, SuperBackbone
@@ -64,11 +71,14 @@ class Search:
     ``on_step`` is called after every weight step with a small dict (epoch, step, global_step).
     ``resume`` continues from ``run_dir/checkpoint.pt`` (with the config's learning rates) or, when the
     search was stopped before its first checkpoint, starts it over; without ``resume`` a ``run_dir``
-    that already holds a search is refused.
+    that already holds a search is refused. ``plain_dataset`` holds the same items as ``dataset`` with
+    the training pipeline minus its augmentation; ``config.augment`` says which half uses which
+    (without it both halves use ``dataset``).
     """
 
     def __init__(self, config: SearchConfig, dataset: Dataset, collate_fn: Callable | None, run_dir: str | Path,
-                 resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None) -> None:
+                 resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None,
+                 plain_dataset: Dataset | None = None) -> None:
         self.cfg = config
         self.run_dir = Path(run_dir)
         self.files = SearchDir(self.run_dir)
@@ -99,8 +109,8 @@ class Search:
         self.table = load_cost_table(config, self.seed.arch, self.space, self.files.cost_table,
                                      write=self.dist.main)
         self.table.check_fits(self.backbone.candidates)
-        self.budget = (Budget(self.table, config.budget, config.budget_tolerance, config.lambda_gain)
-                       if config.budget is not None else None)
+        self.budget = (Budget(self.table, config.budget, config.budget_tolerance, config.lambda_gain, config.lam,
+                              config.lambda_max) if config.budget is not None else None)
         self.lam = config.lam
 
         # the data: two halves by image, batches of batch_size / processes
@@ -112,7 +122,9 @@ class Search:
             raise SearchError(f"batch_size {config.batch_size} (total) is not divisible by the "
                               f"{self.dist.world} processes")
         self.per_rank = config.batch_size // self.dist.world
-        self.weight_set, self.arch_set = Subset(dataset, self.weight_idx), Subset(dataset, self.arch_idx)
+        plain = dataset if plain_dataset is None else plain_dataset
+        self.weight_set = Subset(dataset if config.augment in ("weights", "both") else plain, self.weight_idx)
+        self.arch_set = Subset(dataset if config.augment in ("arch", "both") else plain, self.arch_idx)
         self.collate_fn = collate_fn
         self.iters_per_epoch = batches_per_epoch(len(self.weight_set), self.per_rank, self.dist.world)
         if self.iters_per_epoch == 0 or batches_per_epoch(len(self.arch_set), self.per_rank, self.dist.world) == 0:
@@ -132,6 +144,8 @@ class Search:
         self.log: list[dict[str, Any]] = []
         self.epoch_losses: dict[str, list] = {"weight": [], "arch": []}  # of the current epoch so far
         self.guards = {"weight": LossGuard(config.divergence_factor), "arch": LossGuard(config.divergence_factor)}
+        self.grad_stats = ArchGradients([len(names) for stage in self.backbone.candidates for names in stage])
+        self.supernet_at_arch_start: dict[str, Any] | None = None
         if resume and self.ckpt_path.is_file():  # stopped before the first checkpoint: start over
             state.load(self)
         self.dist.broadcast_module(self.model)
@@ -142,7 +156,7 @@ class Search:
         self.model.train()
         path = self.backbone.sample_path(self.path_gen, uniform=self.epoch < self.cfg.arch_start_epoch)
         self.backbone.set_path(path)
-        loss = self.spec.loss(self.model, to_device(batch, self.dist.device))
+        loss = self.spec.loss(self.model, self.to_device(batch))
         self._check_loss(loss, "weight")
         self.opt_w.zero_grad(set_to_none=True)
         self.opt_a.zero_grad(set_to_none=True)
@@ -154,33 +168,44 @@ class Search:
         return float(loss.detach())
 
     def arch_step(self, batch: Any) -> tuple[float, float]:
-        """One all-candidate step on α with the weights frozen; returns (task loss, expected cost)."""
+        """One all-candidate step on α with the weights frozen, on ``L_task + λ·log_τ(C)`` with ``C`` the
+        searched layers' expected cost; returns (task loss, C)."""
         self.model.train()
         self.backbone.set_path(None)
         for p in self.weight_params:
             p.requires_grad_(False)
         try:
-            task_loss = self.spec.loss(self.model, to_device(batch, self.dist.device))
-            cost = self.expected_cost()
-            loss = task_loss + self.lam * torch.log(cost) / math.log(self.cfg.log_base)
+            task_loss = self.spec.loss(self.model, self.to_device(batch))
+            cost = self.searched_cost()
+            cost_term = self.lam * torch.log(cost) / math.log(self.cfg.log_base)
+            loss = task_loss + cost_term
             self._check_loss(loss, "arch")
             self.opt_a.zero_grad(set_to_none=True)
             self.opt_w.zero_grad(set_to_none=True)
+            cost_grads = torch.autograd.grad(cost_term, self.arch_params, retain_graph=True, allow_unused=True)
             loss.backward()
         finally:
             for p in self.weight_params:
                 p.requires_grad_(True)
         self.dist.average_grads(self.arch_params)
+        self.grad_stats.add(*layer_gradients(self, cost_grads))  # before clipping: what the diagnostics test
         self._check_grads(self.arch_params, self.cfg.arch_clip_grad, "architecture")
         self.opt_a.step()
         if self.budget is not None:
-            self.lam, derived = self.budget.update(self.lam, self.backbone.argmax_path())
-            self.lambdas.append({"global_step": self.global_step, "lambda": self.lam, "derived_cost": derived})
+            with torch.no_grad():
+                expected = float(self.expected_cost()) / COST_UNITS[self.table.unit]  # table unit
+            self.lam = self.budget.update(self.lam, expected)
+            self.lambdas.append({"global_step": self.global_step, "lambda": self.lam, "expected_cost": expected,
+                                 "derived_cost": self.table.path_cost(self.backbone.argmax_path())})
         return float(task_loss.detach()), float(cost.detach())
 
-    def expected_cost(self) -> torch.Tensor:
-        """Expected cost under softmax(α) in the loss unit (GMAdds or ms)."""
+    def searched_cost(self) -> torch.Tensor:
+        """``C``: the searched layers' expected cost under softmax(α) in the loss unit (GMAdds or ms)."""
         return self.table.expected(self.backbone.layer_probs())
+
+    def expected_cost(self) -> torch.Tensor:
+        """The whole network's expected cost under softmax(α) in the loss unit (what a budget constrains)."""
+        return self.table.expected(self.backbone.layer_probs(), whole=True)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, until_epoch: int | None = None) -> SearchResult | None:
@@ -202,7 +227,11 @@ class Search:
                 writer.close()
             self.dist.close()
 
-    def _batches(self, subset: Subset, start: int) -> Any:
+    def to_device(self, batch: Any) -> Any:
+        return to_device(batch, self.dist.device)
+
+    def batches_of(self, subset: Subset, start: int) -> Any:
+        """Endless batches of ``subset`` for this rank from global batch ``start`` (the search's order)."""
         return batches(subset, self.collate_fn, self.per_rank, self.cfg.random_seed, start, self.cfg.num_workers,
                        rank=self.dist.rank, world=self.dist.world)
 
@@ -210,8 +239,10 @@ class Search:
         cfg = self.cfg
         searching = self.epoch >= cfg.arch_start_epoch
         w_losses, a_losses = self.epoch_losses["weight"], self.epoch_losses["arch"]
-        weight_batches = self._batches(self.weight_set, self.epoch * self.iters_per_epoch + self.step)
-        arch_batches = self._batches(self.arch_set, self.arch_batches) if searching else None
+        if searching and self.supernet_at_arch_start is None:
+            self.supernet_at_arch_start = supernet_state(self)
+        weight_batches = self.batches_of(self.weight_set, self.epoch * self.iters_per_epoch + self.step)
+        arch_batches = self.batches_of(self.arch_set, self.arch_batches) if searching else None
         for _ in range(self.step, self.iters_per_epoch):  # _end_epoch moves self.epoch on after the last
             arch_now = searching and self.step % cfg.weight_steps_per_arch_step == 0
             batch = next(weight_batches)  # drawn first: the augmentations take the global RNG in this order
@@ -282,6 +313,7 @@ class Search:
 
 
 def search(config: SearchConfig, dataset: Dataset, collate_fn: Callable | None, run_dir: str | Path,
-           resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None) -> SearchResult:
+           resume: bool = False, seed: Seed | None = None, on_step: Callable[[dict], None] | None = None,
+           plain_dataset: Dataset | None = None) -> SearchResult:
     """Run (or with ``resume`` continue) an architecture search on ``dataset`` and write ``run_dir``."""
-    return Search(config, dataset, collate_fn, run_dir, resume, seed, on_step).run()
+    return Search(config, dataset, collate_fn, run_dir, resume, seed, on_step, plain_dataset).run()

@@ -13,6 +13,7 @@ import torch
 from fna.arch import SKIP, Arch, save_arch
 from fna.checkpoint import save_atomic, write_text_atomic
 from fna.rundir import write_json, write_jsonl
+from fna.search.diagnostics import diagnostics
 from fna.cost import model_cost
 from fna.supernet import SinglePath
 
@@ -50,7 +51,8 @@ def epoch_record(search: Search) -> dict[str, Any]:
             "entropy": [[round(entropy(p), 5) for p in stage] for stage in probs],
             "skip_share": float(np.mean([op == SKIP for stage in chosen for op in stage])),
             "skip_prob": float(np.mean([float(p[-1]) for p in skip_layers])) if skip_layers else 0.0,
-            "expected_cost": float(search.expected_cost()),
+            "expected_cost": float(search.expected_cost()),  # whole network, loss unit
+            "searched_cost": float(search.searched_cost()),  # C of the loss
             "derived_cost": table.path_cost(path),
             "cost_unit": table.unit,
         }
@@ -81,6 +83,7 @@ def finish(search: Search) -> SearchResult:
         save_arch(arch, search.files.net_config)
         write_json(search.files.lambdas, search.lambdas, indent=None)
         write_json(search.files.config, cfg.model_dump())
+        write_json(search.files.diagnostics, diagnostics(search))
     if cfg.debug_rank_files:
         debug = search.files.debug
         save_atomic(dict(backbone.alpha.items()), debug / f"alpha_rank{search.dist.rank}.pt")

@@ -30,6 +30,7 @@ def save(search: Search) -> None:
         "split": {"weights": search.weight_idx, "arch": search.arch_idx},
         "lam": search.lam, "lambdas": search.lambdas, "alpha_history": search.alpha_history, "log": search.log,
         "epoch_losses": search.epoch_losses, "guards": {k: g.state_dict() for k, g in search.guards.items()},
+        "grad_stats": search.grad_stats.state_dict(), "supernet_at_arch_start": search.supernet_at_arch_start,
         "rng": rng_state(), "path_rng": search.path_gen.get_state(),
     }, search.ckpt_path)
 
@@ -54,5 +55,7 @@ def load(search: Search) -> None:
     search.epoch_losses = state["epoch_losses"]
     for kind, guard_state in state["guards"].items():
         search.guards[kind].load_state_dict(guard_state)
+    search.grad_stats.load_state_dict(state["grad_stats"])
+    search.supernet_at_arch_start = state["supernet_at_arch_start"]
     set_rng_state(state["rng"])
     search.path_gen.set_state(state["path_rng"])

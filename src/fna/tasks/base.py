@@ -10,6 +10,7 @@ Adding a task is one module with a :class:`Task` subclass plus one :func:`regist
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -91,12 +92,32 @@ class Task(ABC):
         """The training loss of ``model`` (in train mode) on one collated batch."""
 
     # -- data ---------------------------------------------------------------------------------------
+    def train_transforms(self, size: tuple[int, int], scale: tuple[float, float] = (0.75, 2.0),
+                         augment: bool = True) -> Callable | None:
+        """The training pipeline at ``size``; ``augment=False`` the same without augmentation (what the
+        search's weight half uses by default, SPEC §4). ``None``: the task's datasets bring their own."""
+        return None
+
+    def without_augmentation(self, dataset: Any, size: tuple[int, int], scale: tuple[float, float]) -> Any:
+        """``dataset`` (same items) with the un-augmented training pipeline, if the task has one."""
+        plain = self.train_transforms(size, scale, augment=False)
+        if plain is None:
+            return dataset
+        dataset = copy.copy(dataset)
+        dataset.transforms = plain
+        return dataset
+
     def open_dataset(self, root: str | Path, fmt: str, split: str, train_size: tuple[int, int] | None = None,
                      scale: tuple[float, float] = (0.75, 2.0), skip_bad: bool = False) -> Any:
         """A split with the training transforms at ``train_size``, or (``None``) the evaluation ones."""
         raise FnaError(f"task {self.name!r} reads no datasets")
 
     # -- evaluation and export ----------------------------------------------------------------------
+    def batch_score(self, model: nn.Module, batch: Any) -> tuple[str, float, float] | None:
+        """A quick score of ``model`` (in eval mode) on one collated training batch, beside the score of
+        the trivial predictor: ``(name, score, trivial)``, or ``None`` if the task has none."""
+        return None
+
     def format_metric(self, value: float | None) -> str:
         """``0.1234``, or why the metric is undefined (``None``) on this split."""
         return self.undefined if value is None else f"{value:.4f}"

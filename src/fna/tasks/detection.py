@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 from fna.data import det_collate, det_eval_transforms, open_detection
 from fna.evaluate import AREA_RANGES, EvalConfig, evaluate_detection
@@ -44,8 +45,9 @@ class DetectionTask(Task):
     collate = staticmethod(det_collate)
 
     @abstractmethod
-    def train_transforms(self, size: tuple[int, int]) -> Any:
-        """The detector's training augmentation at ``size``."""
+    def train_transforms(self, size: tuple[int, int], scale: tuple[float, float] = (0.75, 2.0),
+                         augment: bool = True) -> Any:
+        """The detector's training pipeline at ``size`` (``scale`` is a segmentation setting)."""
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The sum of torchvision's loss terms on ``(images [3,H,W] in [0, 1], target dicts)``."""
@@ -54,8 +56,21 @@ class DetectionTask(Task):
 
     def open_dataset(self, root: str | Path, fmt: str, split: str, train_size: tuple[int, int] | None = None,
                      scale: tuple[float, float] = (0.75, 2.0), skip_bad: bool = False) -> Any:
-        transforms = self.train_transforms(train_size) if train_size else det_eval_transforms()
+        transforms = self.train_transforms(train_size, scale) if train_size else det_eval_transforms()
         return open_detection(root, fmt, split, transforms, skip_bad)
+
+    def batch_score(self, model: nn.Module, batch: Any) -> tuple[str, float, float] | None:
+        """Recall of the batch's boxes (same label, IoU ≥ 0.5, among the detector's outputs) beside 0, the
+        recall of predicting nothing."""
+        images, targets = batch
+        found = total = 0
+        for out, target in zip(model(images), targets):
+            total += len(target["boxes"])
+            if len(target["boxes"]) and len(out["boxes"]):
+                same = target["labels"][:, None] == out["labels"][None, :]
+                hit = (box_iou(target["boxes"], out["boxes"]) >= 0.5) & same
+                found += int(hit.any(1).sum())
+        return ("recall@IoU0.5", found / total, 0.0) if total else None
 
     def evaluate(self, model: nn.Module, dataset: Any, cfg: EvalConfig, device: torch.device | str,
                  class_names: tuple[str, ...], results_path: Path | None = None) -> dict[str, Any]:

@@ -88,8 +88,9 @@ class RetinaNetTask(DetectionTask):
     def network_input(self, size: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
         return detector_resize_size(*image_hw, *size)
 
-    def train_transforms(self, size: tuple[int, int]) -> Any:
-        return retinanet_train_transforms(*size)
+    def train_transforms(self, size: tuple[int, int], scale: tuple[float, float] = (0.75, 2.0),
+                         augment: bool = True) -> Any:
+        return retinanet_train_transforms(*size, augment=augment)
 
     def recipe(self, batch_size: int, iters: int) -> TrainConfig:
         # COCO: batch 32, SGD 0.05, wd 5e-5, ×0.1 at epochs 8 and 11 of 12, clip 35

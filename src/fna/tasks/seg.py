@@ -123,10 +123,24 @@ class SegmentationTask(Task):
         images, masks = batch
         return F.cross_entropy(model(images), masks, ignore_index=IGNORE_INDEX)
 
+    def train_transforms(self, size: tuple[int, int], scale: tuple[float, float] = (0.75, 2.0),
+                         augment: bool = True) -> Any:
+        return seg_train_transforms(size, scale, augment)
+
     def open_dataset(self, root: str | Path, fmt: str, split: str, train_size: tuple[int, int] | None = None,
                      scale: tuple[float, float] = (0.75, 2.0), skip_bad: bool = False) -> Any:
-        transforms = seg_train_transforms(train_size, scale) if train_size else seg_eval_transforms()
+        transforms = self.train_transforms(train_size, scale) if train_size else seg_eval_transforms()
         return open_segmentation(root, fmt, split, transforms, skip_bad)
+
+    def batch_score(self, model: nn.Module, batch: Any) -> tuple[str, float, float] | None:
+        """Pixel accuracy beside predicting the batch's most frequent class everywhere."""
+        images, masks = batch
+        valid = masks != IGNORE_INDEX
+        if not bool(valid.any()):
+            return None
+        labels = masks[valid]
+        accuracy = float((model(images).argmax(1)[valid] == labels).double().mean())
+        return "pixel accuracy", accuracy, float(torch.bincount(labels).max()) / labels.numel()
 
     def evaluate(self, model: nn.Module, dataset: Any, cfg: EvalConfig, device: torch.device | str,
                  class_names: tuple[str, ...], results_path: Path | None = None) -> dict[str, Any]:

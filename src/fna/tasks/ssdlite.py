@@ -93,8 +93,8 @@ class SSDLiteTask(DetectionTask):
     default_size = (320, 320)
     search_defaults = dict(space="detection", epochs=30, arch_start_epoch=15, weight_steps_per_arch_step=5,
                            batch_size=512, optimizer="rmsprop", lr=0.05, rmsprop_eps=1.0, momentum=0.9,
-                           weight_decay=4e-5, clip_grad=None, schedule="constant", warmup_iters=0, lam=0.15,
-                           temperature=0.9)
+                           weight_decay=4e-5, clip_grad=None, schedule="step",
+                           milestones=[18 / 30, 25 / 30, 28 / 30], warmup_iters=500, lam=0.15, temperature=0.9)
     paper_costs = {"mobilenet_v2": (808_218_304, 4_322_988), "fna_ssdlite": (880_333_504, 4_630_316)}
     input_rule = "resized to S×S"
 
@@ -112,8 +112,9 @@ class SSDLiteTask(DetectionTask):
     def network_input(self, size: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
         return tuple(size)
 
-    def train_transforms(self, size: tuple[int, int]) -> Any:
-        return ssdlite_train_transforms(size[0])
+    def train_transforms(self, size: tuple[int, int], scale: tuple[float, float] = (0.75, 2.0),
+                         augment: bool = True) -> Any:
+        return ssdlite_train_transforms(size[0], augment)
 
     def recipe(self, batch_size: int, iters: int) -> TrainConfig:
         # COCO: batch 512, RMSprop 0.2, eps 1, momentum 0.9, wd 4e-5; cosine decay
