@@ -411,3 +411,27 @@ def test_best_path_within_a_band_of_a_task_cost_table_is_inside_it():
     path = best_path_within(table, logp, 0.95 * budget, 1.05 * budget)
     assert 0.95 * budget <= table.path_cost(path) <= 1.05 * budget
     assert best_path_within(table, logp, 0, lo * 0.5) is None
+
+
+@pytest.mark.parametrize("task", ["seg", "ssdlite"])
+def test_recomputing_candidates_in_the_backward_gives_the_same_alpha_gradient(task, monkeypatch):
+    from fna.supernet import MixedLayer
+
+    torch.manual_seed(0)
+    net = _net(task)
+    model = get_task(task).head(net, 3, **({"size": SIZE} if task == "ssdlite" else {})).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    for p in model.parameters():
+        p.requires_grad_(p in set(net.arch_parameters()))
+    grads = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(MixedLayer, "recompute", recompute)
+        net.set_path(None)
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks in the head both times
+        out = model.dense_forward(x) if task == "ssdlite" else model(x)
+        (sum(v.square().mean() for v in out.values()) if isinstance(out, dict) else out.square().mean()).backward()
+        grads[recompute] = [a.grad.clone() for a in net.arch_parameters()]
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert any(bool(g.abs().sum() > 0) for g in grads[True])

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fna.arch import SKIP, Arch, ArchError, Op, parse_op
 from fna.backbone import (Backbone, LayerInfo, LayerRunner, TapBackbone, layer_module, parse_tap, plain_layer,
@@ -149,8 +150,12 @@ PRESETS: dict[str, tuple[int, ...]] = {"detection": (4, 4, 4, 4, 4, 1), "segment
 class MixedLayer(nn.Module):
     """One searched layer: MBConv candidates (BN without affine/running stats) and optionally ``skip``.
 
-    ``candidates`` lists op names; ``skip`` (if present) is last and is not a module.
+    ``candidates`` lists op names; ``skip`` (if present) is last and is not a module. ``recompute``:
+    the weighted forward (architecture steps) recomputes the candidates in the backward pass instead
+    of keeping their activations — about 1.3× the time for a fraction of the memory.
     """
+
+    recompute = True
 
     def __init__(self, c_in: int, c_out: int, candidates: Sequence[str], stride: int, dilation: int,
                  activation: str, bn_eps: float) -> None:
@@ -173,6 +178,15 @@ class MixedLayer(nn.Module):
             if choice == len(self.ops):  # skip
                 return x, None
             return self.ops[choice].forward_with_hidden(x) if want_hidden else (self.ops[choice](x), None)
+        if self.recompute and torch.is_grad_enabled():
+            # Keep only the layer's input for the backward pass and run its candidates again there:
+            # an architecture step then holds one layer's candidate activations at a time, not every
+            # layer's (their BN uses batch statistics and they hold no dropout, so the rerun is exact).
+            return checkpoint(self._weighted, x, weights, want_hidden, use_reentrant=False)
+        return self._weighted(x, weights, want_hidden)
+
+    def _weighted(self, x: torch.Tensor, weights: torch.Tensor, want_hidden: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         out = weights[-1] * x if self.has_skip else 0
         hidden = 0
         for w, op in zip(weights, self.ops):
