@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.image_list import ImageList
 from typer.testing import CliRunner
 
 from fna.arch import BUILTIN_ARCHS, SKIP, parse_op
@@ -173,6 +174,14 @@ def test_a_net_config_other_than_the_checkpoints_lists_the_shapes_that_differ(re
         import_checkpoint(tmp_path / "bare.pth", "retinanet", tmp_path / "m.pt", net_config="fna_ssdlite")
 
 
+def test_a_bare_state_dict_without_net_config_takes_the_released_configs(retinanet, tmp_path):
+    _, checkpoint = retinanet
+    torch.save(checkpoint["state_dict"], tmp_path / "bare.pth")
+    report = import_checkpoint(tmp_path / "bare.pth", "retinanet", tmp_path / "m.pt")
+    assert report.arch_source == "the released config's net_config (fna_retinanet)"
+    assert report.arch.stages == BUILTIN_ARCHS["fna_retinanet"].stages
+
+
 def test_mmdet_ssdlite_checkpoint_imports_to_the_same_head_outputs(tmp_path, one_thread):
     """SSDLightHead's bias-free 1x1 conv + BN becomes one conv with bias: the same outputs up to rounding."""
     fmt = FORMATS["ssdlite"]
@@ -200,6 +209,11 @@ def test_mmdet_ssdlite_checkpoint_imports_to_the_same_head_outputs(tmp_path, one
     x = torch.randn(1, 3, 320, 320, generator=g)
     with torch.no_grad():
         ref, got = model.dense_forward(x), imported.dense_forward(x)
+        features = list(imported.backbone(x).values())
+        anchors = imported.anchor_generator(ImageList(x, [(320, 320)]), features)[0]
+    cells = torch.tensor(ssd_anchor_spec()["cells"][0])  # 20×20 cells of stride 16, 4 anchors each
+    assert info.model_kwargs["anchors"] == ssd_anchor_spec() and len(anchors) == 2424
+    assert torch.equal(anchors[4:8], cells + torch.tensor([16.0, 0.0, 16.0, 0.0]))  # the cell right of the first
     for key in ref:
         assert torch.allclose(ref[key], got[key], rtol=1e-4, atol=1e-4 * ref[key].abs().max().item())
     # mmdet's img_norm_cfg: mean 255·ImageNet mean, std 1, on 0..255 pixels

@@ -243,23 +243,29 @@ class OriginalFormat:
 
 FORMATS: dict[str, OriginalFormat] = {
     "retinanet": OriginalFormat(
-        "retinanet", "mmdet 0.6 RetinaNet (fna_det)", "backbone.", True, 1e-5, "bbox_head.retina_cls.weight",
-        lambda n: n // 9, COCO_CLASSES, "fna_retinanet", _retinanet_heads,
-        # test_cfg of fna_retinanet_fpn_retrain.py; images rescaled to fit 1333×800
-        lambda: dict(min_size=800, max_size=1333, anchors=retinanet_anchor_spec(), p7_relu=False, score_thresh=0.05,
-                     nms_thresh=0.5, detections_per_img=100, topk_candidates=1000)),
+        task="retinanet", what="mmdet 0.6 RetinaNet (fna_det)", backbone="backbone.", sorted_skips=True,
+        bn_eps=1e-5, classes_key="bbox_head.retina_cls.weight", classes=lambda n: n // 9, class_names=COCO_CLASSES,
+        default_arch="fna_retinanet", heads=_retinanet_heads,
+        # fna_retinanet_fpn_retrain.py: images rescaled to fit 1333×800; its test_cfg
+        model_kwargs=lambda: dict(min_size=800, max_size=1333, anchors=retinanet_anchor_spec(), p7_relu=False,
+                                  score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, topk_candidates=1000)),
     "ssdlite": OriginalFormat(
-        "ssdlite", "mmdet 0.6 SSDLite (fna_det)", "backbone.", True, 1e-3, "bbox_head.cls_convs.0.3.weight",
-        lambda n: n // 4 - 1, COCO_CLASSES, "fna_ssdlite", _ssdlite_heads,
-        # img_norm_cfg mean 255·ImageNet mean, std 1 on 0..255; test_cfg: no nms_pre, score 0.02, NMS 0.6, 200 boxes
-        lambda: dict(size=320, anchors=ssd_anchor_spec(), head_bn_eps=1e-3, image_std=[1 / 255] * 3,
-                     score_thresh=0.02, nms_thresh=0.6, detections_per_img=200, topk_candidates=1_000_000)),
+        task="ssdlite", what="mmdet 0.6 SSDLite (fna_det)", backbone="backbone.", sorted_skips=True, bn_eps=1e-3,
+        classes_key="bbox_head.cls_convs.0.3.weight", classes=lambda n: n // 4 - 1, class_names=COCO_CLASSES,
+        default_arch="fna_ssdlite", heads=_ssdlite_heads,
+        # fna_ssdlite_retrain.py: img_norm_cfg mean 255·ImageNet mean, std 1 on 0..255; test_cfg without nms_pre
+        model_kwargs=lambda: dict(size=320, anchors=ssd_anchor_spec(), head_bn_eps=1e-3, image_std=[1 / 255] * 3,
+                                  score_thresh=0.02, nms_thresh=0.6, detections_per_img=200,
+                                  topk_candidates=1_000_000)),
     "seg": OriginalFormat(
-        "seg", "TorchSeg DeepLabv3 (fna_seg)", "backbone.", False, 1e-5, "cls_conv.weight", lambda n: n,
-        CITYSCAPES_CLASSES, "fna_deeplabv3", _seg_heads, lambda: dict(align_corners=True)),
+        task="seg", what="TorchSeg DeepLabv3 (fna_seg)", backbone="backbone.", sorted_skips=False, bn_eps=1e-5,
+        classes_key="cls_conv.weight", classes=lambda n: n, class_names=CITYSCAPES_CLASSES,
+        default_arch="fna_deeplabv3", heads=_seg_heads, model_kwargs=lambda: dict(align_corners=True)),
     "cls": OriginalFormat(
-        "cls", "MobileNetV2 seed (DenseNAS)", "", True, 1e-5, "classifier.weight", lambda n: n, (),
-        "mobilenet_v2", lambda model: {"classifier": Source("classifier")}, dict),
+        task="cls", what="MobileNetV2 seed (DenseNAS)", backbone="", sorted_skips=True,
+        bn_eps=1e-5,  # trained at 1e-3, but copied unchanged as the original's remapping does (docs/migration.md)
+        classes_key="classifier.weight", classes=lambda n: n, class_names=(), default_arch="mobilenet_v2",
+        heads=lambda model: {"classifier": Source("classifier")}, model_kwargs=dict),
 }
 
 
