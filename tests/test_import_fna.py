@@ -174,6 +174,15 @@ def test_a_net_config_other_than_the_checkpoints_lists_the_shapes_that_differ(re
         import_checkpoint(tmp_path / "bare.pth", "retinanet", tmp_path / "m.pt", net_config="fna_ssdlite")
 
 
+def test_a_stored_config_with_other_box_coder_stds_is_refused_naming_them(retinanet, tmp_path):
+    _, checkpoint = retinanet
+    meta = {**checkpoint["meta"], "config": checkpoint["meta"]["config"] + "target_stds=[0.1, 0.1, 0.2, 0.2]\n"}
+    torch.save({**checkpoint, "meta": meta}, tmp_path / "stds.pth")
+    with pytest.raises(CheckpointImportError, match=r"stds.pth: its stored config sets target_stds=\[0.1, 0.1, 0.2, "
+                                                    r"0.2\] \(supported: \[1.0, 1.0, 1.0, 1.0\]\)"):
+        import_checkpoint(tmp_path / "stds.pth", "retinanet", tmp_path / "m.pt")
+
+
 def test_a_bare_state_dict_without_net_config_takes_the_released_configs(retinanet, tmp_path):
     _, checkpoint = retinanet
     torch.save(checkpoint["state_dict"], tmp_path / "bare.pth")

@@ -21,15 +21,17 @@ lists the keys that do not match.
 The model is built with the original's conventions, so that it computes what the original computed: mmdet 0.6's
 anchors as data (:func:`mmdet_anchor_cells`), no ReLU before P7, SSDLite's normalisation (mean only, std 1 on
 0..255) and BN eps 1e-3, its head's bias-free conv + BN folded into one conv with bias (:func:`fold_bn`), the
-original's test thresholds, and the segmenter's ``align_corners=True`` upsampling. ``docs/migration.md`` lists
-what still differs and how much it is expected to matter.
+original's test thresholds, and the segmenter's ``align_corners=True`` upsampling — the released configs' settings,
+checked against the config text a detection checkpoint stores (:func:`check_settings`). ``docs/migration.md``
+lists what still differs and how much it is expected to matter.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,7 @@ class OriginalFormat:
     default_arch: str  # the released config's net_config, used when the file stores none and none is given
     heads: Callable[[nn.Module], dict[str, Source]]
     model_kwargs: Callable[[], dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)  # the released config's, which the model is built with
 
 
 FORMATS: dict[str, OriginalFormat] = {
@@ -248,7 +251,10 @@ FORMATS: dict[str, OriginalFormat] = {
         default_arch="fna_retinanet", heads=_retinanet_heads,
         # fna_retinanet_fpn_retrain.py: images rescaled to fit 1333×800; its test_cfg
         model_kwargs=lambda: dict(min_size=800, max_size=1333, anchors=retinanet_anchor_spec(), p7_relu=False,
-                                  score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, topk_candidates=1000)),
+                                  score_thresh=0.05, nms_thresh=0.5, detections_per_img=100, topk_candidates=1000),
+        settings=dict(anchor_strides=[8, 16, 32, 64, 128], octave_base_scale=4, scales_per_octave=3,
+                      anchor_ratios=[0.5, 1.0, 2.0], target_means=[0.0] * 4, target_stds=[1.0] * 4,
+                      mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])),
     "ssdlite": OriginalFormat(
         task="ssdlite", what="mmdet 0.6 SSDLite (fna_det)", backbone="backbone.", sorted_skips=True, bn_eps=1e-3,
         classes_key="bbox_head.cls_convs.0.3.weight", classes=lambda n: n // 4 - 1, class_names=COCO_CLASSES,
@@ -256,7 +262,10 @@ FORMATS: dict[str, OriginalFormat] = {
         # fna_ssdlite_retrain.py: img_norm_cfg mean 255·ImageNet mean, std 1 on 0..255; test_cfg without nms_pre
         model_kwargs=lambda: dict(size=320, anchors=ssd_anchor_spec(), head_bn_eps=1e-3, image_std=[1 / 255] * 3,
                                   score_thresh=0.02, nms_thresh=0.6, detections_per_img=200,
-                                  topk_candidates=1_000_000)),
+                                  topk_candidates=1_000_000),
+        settings=dict(anchor_strides=[16, 32, 64, 107, 160, 320], basesize_ratio_range=[0.2, 0.95],
+                      target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2], mean=[123.675, 116.28, 103.53],
+                      std=[1.0, 1.0, 1.0])),
     "seg": OriginalFormat(
         task="seg", what="TorchSeg DeepLabv3 (fna_seg)", backbone="backbone.", sorted_skips=False, bn_eps=1e-5,
         classes_key="cls_conv.weight", classes=lambda n: n, class_names=CITYSCAPES_CLASSES,
@@ -296,6 +305,27 @@ def stored_net_config(meta: dict[str, Any]) -> str | None:
     """The backbone's net_config in the config text mmdet keeps in a checkpoint's ``meta``, if any."""
     found = _NET_CONFIG.search(meta.get("config", "")) if isinstance(meta.get("config"), str) else None
     return found.group(2) if found else None
+
+
+_SETTING = r"\b{}\s*=\s*(\[[^\[\]]*\]|\([^()]*\)|[-+0-9.e]+)"  # key=flat list, tuple or number
+
+
+def check_settings(meta: dict[str, Any], fmt: OriginalFormat, path: Path) -> None:
+    """:class:`CheckpointImportError` when the config text mmdet stored with the checkpoint sets anchors, box coder
+    or input normalisation other than the released config's, which is what the imported model is built with."""
+    text = meta.get("config") if isinstance(meta.get("config"), str) else ""
+    differ = []
+    for key, want in fmt.settings.items():
+        found = re.search(_SETTING.format(re.escape(key)), text)
+        try:
+            value = ast.literal_eval(found.group(1)) if found else None
+        except (ValueError, SyntaxError):
+            value = found.group(1)
+        if found and (np.shape(value) != np.shape(want) or not np.allclose(value, want)):
+            differ.append(f"{key}={found.group(1)} (supported: {want})")
+    if differ:
+        raise CheckpointImportError(f"{path}: its stored config sets {'; '.join(differ)}; the imported {fmt.task} "
+                                    "model is built with the released config's anchors, box coder and normalisation only")
 
 
 def resolve_arch(given: str | None, meta: dict[str, Any], fmt: OriginalFormat) -> tuple[Arch, str]:
@@ -395,6 +425,7 @@ def import_checkpoint(path: str | Path, task: str, out: str | Path, net_config: 
         raise CheckpointImportError(f"--task {task!r}: the original FNA code has {', '.join(FORMATS)} checkpoints")
     fmt = FORMATS[task]
     theirs, meta = read_checkpoint(path)
+    check_settings(meta, fmt, path)
     arch, arch_source = resolve_arch(net_config, meta, fmt)
     if fmt.classes_key not in theirs:
         raise CheckpointImportError(f"{path}: no tensor {fmt.classes_key}: not a {fmt.what} checkpoint")
