@@ -12,11 +12,11 @@ BN possibly without ``num_batches_tracked`` as older PyTorch wrote it):
 * ``cls`` — the MobileNetV2 seed (DenseNAS ``blocks.{b}.layers.{l}.op.{i}``, ``classifier``), written as
   torchvision's ``mobilenet_v2`` state dict: the file ``--seed-weights`` takes.
 
-Keys are never rewritten as strings. Our model is built on the checkpoint's architecture, and
-:attr:`OriginalFormat.heads` together with :func:`backbone_sources` name, for every conv / BN / linear module of
-ours, the original module holding its tensors. Every tensor of ours must be found (a missing
-``num_batches_tracked`` keeps ours) and every tensor of the file used; otherwise :class:`CheckpointImportError`
-lists the keys that do not match.
+No key is rewritten by string surgery (only the ``module.`` prefix is dropped). Our model is built on the
+checkpoint's architecture, and :attr:`OriginalFormat.heads` together with :func:`backbone_sources` name, for every
+conv / BN / linear module of ours, the original module holding its tensors. Every tensor of ours must be found (a
+missing ``num_batches_tracked`` keeps ours) and every tensor of the file used; otherwise
+:class:`CheckpointImportError` lists the keys that do not match.
 
 The model is built with the original's conventions, so that it computes what the original computed: mmdet 0.6's
 anchors as data (:func:`mmdet_anchor_cells`), no ReLU before P7, SSDLite's normalisation (mean only, std 1 on
