@@ -13,6 +13,7 @@ def fna(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,message", [
     (("madds", "--arch", "resnet_9000"), "unknown architecture 'resnet_9000'"),
     (("madds", "--task", "pose"), "unknown task 'pose'"),
+    (("import-fna", "no_such.pth", "--task", "seg", "--out", "m.pt"), "no_such.pth: checkpoint not found"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     out = fna(*args)

@@ -258,6 +258,27 @@ def load(model: Annotated[Path, typer.Argument(help="model.fna.pt")]) -> None:
                   f"{sum(p.numel() for p in net.parameters()):,} parameters", markup=False, highlight=False)
 
 
+@app.command("import-fna")
+def import_fna(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint of the original FNA code (mmdet 0.6 RetinaNet / "
+                                                    "SSDLite, TorchSeg DeepLabv3, or the MobileNetV2 seed).")],
+    task: Annotated[str, typer.Option(help="retinanet | ssdlite | seg | cls (the seed → --seed-weights file)")],
+    out: Annotated[Path, typer.Option(help="model.fna.pt to write (for cls: the seed weights file).")],
+    net_config: Annotated[Optional[str], typer.Option(help="The checkpoint's net_config: a file, the text itself, "
+                                                           "or a built-in name (default: the one the checkpoint "
+                                                           "stores, else the released config's).")] = None,
+) -> None:
+    """Bring a checkpoint of the original FNA release here: as a model for fna eval / export / load, or (cls) as
+    seed weights for --seed-weights. See docs/migration.md for the conventions it converts."""
+    from fna.import_fna import import_checkpoint
+
+    report = import_checkpoint(checkpoint, task, out, net_config)
+    console.print(report.arch.describe(), highlight=False)
+    use = "use it with --seed-weights" if task == "cls" else "fna eval / export / load take it"
+    console.print(f"architecture from {report.arch_source}; {report.tensors} tensors, {report.num_classes} classes; "
+                  f"wrote {report.out} ({use})", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command("export")
 def export_cmd(
     model: Annotated[Path, typer.Argument(help="model.fna.pt")],

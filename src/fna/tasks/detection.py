@@ -1,24 +1,72 @@
 """What both detectors share: COCO / VOC data, torchvision's detection losses, COCO mAP, and the
 export of the whole detector (normalisation, resizing, decoding and NMS inside the graph).
 
-Labels are ``0 .. num_classes-1`` at our API for every detector.
+Labels are ``0 .. num_classes-1`` at our API for every detector. :class:`ExplicitAnchorGenerator` gives
+either detector anchors written as data (e.g. another code base's, see :mod:`fna.import_fna`).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from fna.data import det_collate, det_eval_transforms, open_detection
 from fna.evaluate import AREA_RANGES, EvalConfig, evaluate_detection
 from fna.parity import Parity, compare_detections
 from fna.tasks.base import Task
+
+
+class ExplicitAnchorGenerator(AnchorGenerator):
+    """Anchors as data: per feature level its cell anchors and its stride, in input pixels.
+
+    ``spec = {"cells": [[[x1, y1, x2, y2], ...] per level], "strides": [s, ...]}``: the anchors of level ``l``
+    at cell ``(i, j)`` are ``cells[l] + (j·s, i·s, j·s, i·s)``. Unlike torchvision's generator the stride is
+    fixed, not ``image size // feature size`` (which differs where a side is not a multiple of it, e.g. P7 of
+    a 1088-wide input: 120 instead of 128). Boxes are in continuous coordinates (a box covering pixels
+    ``0..w-1`` is ``[0, w]``), as torchvision's box coder expects. Plain data, so it lives in ``model_kwargs``.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        cells, strides = self.check(spec)
+        super().__init__(tuple((1,) * len(c) for c in cells), ((1.0,),) * len(cells))
+        self.cell_anchors = [torch.tensor(c, dtype=torch.float32) for c in cells]
+        self.strides = strides
+
+    @staticmethod
+    def check(spec: Any) -> tuple[list[list[list[float]]], list[int]]:
+        """``(cells, strides)`` of a valid spec; :class:`ValueError` naming what is wrong otherwise."""
+        if not isinstance(spec, dict) or set(spec) != {"cells", "strides"}:
+            raise ValueError("anchors must be {'cells': [...], 'strides': [...]}")
+        cells, strides = spec["cells"], spec["strides"]
+        if not isinstance(cells, Sequence) or not isinstance(strides, Sequence) or len(cells) != len(strides) \
+                or not cells:
+            raise ValueError("anchors: 'cells' and 'strides' must be lists of the same, non-zero length")
+        for level, (c, s) in enumerate(zip(cells, strides)):
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                raise ValueError(f"anchors: stride {s!r} of level {level} is not a whole number >= 1")
+            if not c or any(len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) for box in c):
+                raise ValueError(f"anchors: level {level} needs a non-empty list of [x1, y1, x2, y2] boxes")
+        return [[[float(v) for v in box] for box in c] for c in cells], [int(s) for s in strides]
+
+    def num_anchors_per_location(self) -> list[int]:
+        return [len(c) for c in self.cell_anchors]
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.empty((), dtype=torch.int64, device=device).fill_(s)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        anchors = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [anchors for _ in image_list.image_sizes]
 
 
 class DetectorExport(nn.Module):

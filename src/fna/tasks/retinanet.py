@@ -17,22 +17,41 @@ from fna.data import retinanet_train_transforms
 from fna.data.base import IMAGENET_MEAN, IMAGENET_STD
 from fna.data.transforms import detector_resize_size
 from fna.tasks.base import register_task
-from fna.tasks.detection import DetectionTask
+from fna.tasks.detection import DetectionTask, ExplicitAnchorGenerator
 from fna.train import TrainConfig
+
+
+class P6P7(LastLevelP6P7):
+    """torchvision's P6 (from C5) and P7 (from P6) block; ``relu=False`` drops the ReLU torchvision applies
+    between P6 and P7 (mmdet 0.6's RetinaNet, and so the original FNA's, has none)."""
+
+    def __init__(self, in_channels: int, out_channels: int, relu: bool = True) -> None:
+        super().__init__(in_channels, out_channels)
+        self.relu = relu
+
+    def forward(self, p: list[torch.Tensor], c: list[torch.Tensor], names: list[str]
+                ) -> tuple[list[torch.Tensor], list[str]]:
+        if self.relu:
+            return super().forward(p, c, names)
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p.extend([p6, self.p7(p6)])
+        names.extend(["p6", "p7"])
+        return p, names
 
 
 class BackboneFPN(nn.Module):
     """Backbone taps C3–C5 (strides 8/16/32) → FPN (P3–P5) + P6 from C5 + P7 from P6.
 
     ``body`` is any module returning an ordered dict of 3 maps and with an ``out_channels`` dict.
+    ``p7_relu=False``: no ReLU between P6 and P7 (see :class:`P6P7`).
     """
 
-    def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
+    def __init__(self, body: nn.Module, out_channels: int = 256, p7_relu: bool = True) -> None:
         super().__init__()
         self.body = body
         in_channels = list(body.out_channels.values())
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels,
-                                         extra_blocks=LastLevelP6P7(in_channels[-1], out_channels))
+                                         extra_blocks=P6P7(in_channels[-1], out_channels, p7_relu))
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -46,14 +65,19 @@ def retinanet_anchors() -> AnchorGenerator:
 
 
 class FNARetinaNet(RetinaNet):
-    """torchvision ``RetinaNet`` on :class:`BackboneFPN` (focal loss γ 2, α 0.25; sigmoid classes)."""
+    """torchvision ``RetinaNet`` on :class:`BackboneFPN` (focal loss γ 2, α 0.25; sigmoid classes).
+
+    ``anchors`` (a :class:`~fna.tasks.detection.ExplicitAnchorGenerator` spec) replaces torchvision's anchors
+    and ``p7_relu=False`` drops the ReLU before P7: both for models imported from the original FNA code
+    (:mod:`fna.import_fna`). Other ``kwargs`` go to torchvision's ``RetinaNet`` (thresholds, NMS, top-k).
+    """
 
     cost_parts = {"backbone": "backbone.body", "neck": "backbone.fpn", "head": "head"}
 
     def __init__(self, body: nn.Module, num_classes: int, min_size: int = 800, max_size: int = 1333,
-                 **kwargs) -> None:
-        backbone = BackboneFPN(body)
-        anchors = retinanet_anchors()
+                 anchors: dict[str, Any] | None = None, p7_relu: bool = True, **kwargs) -> None:
+        backbone = BackboneFPN(body, p7_relu=p7_relu)
+        anchors = retinanet_anchors() if anchors is None else ExplicitAnchorGenerator(anchors)
         head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes)
         super().__init__(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=IMAGENET_MEAN,
                          image_std=IMAGENET_STD, anchor_generator=anchors, head=head, **kwargs)

@@ -49,13 +49,18 @@ class SeparableASPP(nn.Module):
 
 
 class DeepLabV3(nn.Module):
-    """Backbone (one tap, OS16) → separable ASPP → 1x1 classifier → bilinear upsampling to the input size."""
+    """Backbone (one tap, OS16) → separable ASPP → 1x1 classifier → bilinear upsampling to the input size.
+
+    ``align_corners`` of the upsampling: ``True`` in the original FNA (TorchSeg) code, see :mod:`fna.import_fna`.
+    """
 
     cost_parts = {"backbone": "backbone", "neck": "aspp", "head": "classifier"}
 
-    def __init__(self, backbone: nn.Module, num_classes: int, aspp_channels: int = 256) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, aspp_channels: int = 256,
+                 align_corners: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.align_corners = align_corners
         self.backbone = backbone
         self.aspp = SeparableASPP(list(backbone.out_channels.values())[-1], aspp_channels)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
@@ -69,7 +74,7 @@ class DeepLabV3(nn.Module):
         """Per-pixel class logits at the input resolution."""
         feats = next(iter(self.backbone(x).values()))
         logits = self.classifier(self.aspp(feats))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
     dense_forward = forward
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from fna.data import ssdlite_train_transforms
 from fna.data.base import IMAGENET_MEAN, IMAGENET_STD
 from fna.ops import ConvBNAct
 from fna.tasks.base import register_task
-from fna.tasks.detection import DetectionTask
+from fna.tasks.detection import DetectionTask, ExplicitAnchorGenerator
 from fna.train import TrainConfig
 
 
@@ -52,22 +54,31 @@ class SSDLiteFeatures(nn.Module):
 
 
 class SSDLite(SSD):
-    """torchvision ``SSD`` with ``SSDLiteHead`` on :class:`SSDLiteFeatures` (6 maps, anchors [4,6,6,6,4,4])."""
+    """torchvision ``SSD`` with ``SSDLiteHead`` on :class:`SSDLiteFeatures` (6 maps, anchors [4,6,6,6,4,4]).
+
+    For models imported from the original FNA code (:mod:`fna.import_fna`): ``anchors`` (an
+    :class:`~fna.tasks.detection.ExplicitAnchorGenerator` spec) replaces torchvision's default boxes,
+    ``head_bn_eps`` is the eps of the head's BN, ``image_mean`` / ``image_std`` the normalisation of ``[0, 1]``
+    RGB input. Other ``kwargs`` go to torchvision's ``SSD`` (thresholds, NMS, top-k).
+    """
 
     cost_parts = {"backbone": "backbone.body", "neck": "backbone.extras", "head": "head"}
 
-    def __init__(self, body: nn.Module, num_classes: int, size: int = 320, **kwargs) -> None:
+    def __init__(self, body: nn.Module, num_classes: int, size: int = 320, anchors: dict[str, Any] | None = None,
+                 head_bn_eps: float = 1e-5, image_mean: Sequence[float] = IMAGENET_MEAN,
+                 image_std: Sequence[float] = IMAGENET_STD, **kwargs) -> None:
         features = SSDLiteFeatures(body)
-        anchors = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]], min_ratio=0.2, max_ratio=0.95)
+        anchors = (DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]], min_ratio=0.2, max_ratio=0.95)
+                   if anchors is None else ExplicitAnchorGenerator(anchors))
         # torchvision's head ends each predictor with a 1x1 conv with bias. The paper's counted model
         # (808,218,304 MAdds / 4,322,988 params on MobileNetV2) ends it with a bias-free conv + BN instead:
         # 206,040 MAdds more and 2,550 params fewer here (0.03% / 0.06%). We keep torchvision's form because
         # BN on the logits trains far worse: on the demo data, 300 AdamW steps gave AP 0.024 with the bias
         # head and 0.004 with the BN head.
         head = SSDLiteHead(features.out_channels, anchors.num_anchors_per_location(), num_classes + 1,
-                           nn.BatchNorm2d)
-        super().__init__(features, anchors, (size, size), num_classes + 1, image_mean=IMAGENET_MEAN,
-                         image_std=IMAGENET_STD, head=head, **kwargs)
+                           partial(nn.BatchNorm2d, eps=head_bn_eps))
+        super().__init__(features, anchors, (size, size), num_classes + 1, image_mean=list(image_mean),
+                         image_std=list(image_std), head=head, **kwargs)
         self.num_classes = num_classes
 
     def forward(self, images, targets=None):
