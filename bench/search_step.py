@@ -108,7 +108,9 @@ def main() -> None:
 
         def arch_step(recompute: bool):
             def step() -> None:
-                MixedLayer.recompute = recompute
+                for layer in s.backbone.modules():
+                    if isinstance(layer, MixedLayer):
+                        layer.recompute = recompute
                 s.arch_step(batch)
             return step
 
@@ -117,7 +119,6 @@ def main() -> None:
         m_weight = _peak(lambda: s.weight_step(batch), s.dist.device)
         m_arch = _peak(arch_step(True), s.dist.device)
         m_arch_keep = _peak(arch_step(False), s.dist.device)
-        MixedLayer.recompute = True
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}")
     print(f"task {args.task}, input {args.batch}x3x{size[0]}x{size[1]}, path {' | '.join(' '.join(st.ops) for st in s.backbone.path_arch(path).stages[1:])}")

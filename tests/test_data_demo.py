@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 from fna.cli import app
 from fna.data import open_detection, open_segmentation
 from fna.data.demo import CLASSES, make_sample, write_demo
+from fna.data.base import DataError
+from PIL import Image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools")
 
@@ -88,3 +90,31 @@ def test_rewriting_a_smaller_demo_leaves_no_stale_images(tmp_path):
     write_demo(tmp_path, n_train=3, n_val=1, size=32)
     write_demo(tmp_path, n_train=1, n_val=1, size=32)
     assert len(open_segmentation(tmp_path, "folder", "train")) == len(open_detection(tmp_path, "coco", "train")) == 1
+
+
+def test_fewer_classes_larger_objects_and_object_counts_are_respected(tmp_path):
+    counts = write_demo(tmp_path, n_train=6, n_val=2, size=64, seed=3, n_classes=2, objects=(1, 2),
+                        radius=(0.3, 0.35))
+    assert (tmp_path / "classes.txt").read_text().split() == ["background", *CLASSES[:2]]
+    coco = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in coco["categories"]] == list(CLASSES[:2])
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=len(coco["images"]))
+    ids = [im["id"] for im in coco["images"]]
+    assert all(1 <= per_image[i] <= 2 for i in ids) and counts["train_objects"] == len(coco["annotations"])
+    assert {a["category_id"] for a in coco["annotations"]} <= {1, 2}
+    # a shape's corners lie within sqrt(2)·r of its centre (the rectangle's): boxes at most 2·sqrt(2)·r a side
+    sides = [max(a["bbox"][2], a["bbox"][3]) for a in coco["annotations"]]
+    assert max(sides) <= 2 * 2 ** 0.5 * 0.35 * 64 + 1
+    write_demo(tmp_path / "default", n_train=6, n_val=2, size=64, seed=3, n_classes=2, objects=(1, 2))
+    default = json.loads((tmp_path / "default" / "annotations" / "instances_train.json").read_text())
+    default_sides = [max(a["bbox"][2], a["bbox"][3]) for a in default["annotations"]]
+    assert np.mean(sides) > 1.4 * np.mean(default_sides)  # radius 0.3-0.35 against 0.1-0.25
+    masks = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "masks" / "train").glob("*.png"))]
+    assert max(int(m.max()) for m in masks) <= 2
+
+
+@pytest.mark.parametrize("bad", [{"n_classes": 0}, {"n_classes": len(CLASSES) + 1}, {"objects": (3, 2)},
+                                 {"radius": (0.0, 0.2)}])
+def test_bad_demo_settings_are_refused_naming_them(tmp_path, bad):
+    with pytest.raises(DataError, match="bad demo settings"):
+        write_demo(tmp_path, n_train=2, n_val=1, size=32, **bad)

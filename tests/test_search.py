@@ -252,3 +252,23 @@ def test_every_search_writes_diagnostics_that_agree_with_its_layers(tmp_path):
     state = d["supernet_at_arch_start"]
     assert state["epoch"] == 1 and state["score_name"] == "pixel accuracy" and 0 <= state["trivial_score"] <= 1
     assert d["summary"].startswith("The search decided")
+
+
+def test_seed_path_epochs_train_the_seeds_own_path_then_uniform_paths(tmp_path):
+    s = _search(tmp_path, epochs=3, arch_start_epoch=2, seed_path_epochs=1)
+    seed_path = s.backbone.arch_path(tiny_seed().arch)
+    batch = seg_collate([s.weight_set[i] for i in range(2)])
+    s.weight_step(batch)
+    assert s.backbone.path == seed_path
+    for i, stage in enumerate(seed_path, start=1):  # only the seed's candidates were trained
+        for j, k in enumerate(stage):
+            for c, op in enumerate(s.backbone.stages[i][j].ops):
+                assert all((p.grad is not None) == (c == k) for p in op.parameters())
+    s.epoch = 1  # after the seed-path epochs: uniform paths, as without them
+    paths = []
+    for _ in range(6):
+        s.weight_step(batch)
+        paths.append(s.backbone.path)
+    assert any(p != seed_path for p in paths)
+    with pytest.raises(SearchError, match="seed_path_epochs"):
+        _config(seed_path_epochs=2, arch_start_epoch=1)

@@ -47,6 +47,8 @@ DEMO_TASKS = {
     "seg": {"format": "folder", "size": [IMAGE_SIZE, IMAGE_SIZE], "search": _SEARCH, "finetune": _FINETUNE},
     "ssdlite": {"format": "coco", "size": [IMAGE_SIZE, IMAGE_SIZE], "search": _SEARCH, "finetune": _FINETUNE},
 }
+# The demo dataset (fna.data.demo.write_demo's arguments; images and steps scale with ``scale``).
+DEMO_DATA = {"n_train": 96, "n_val": 32, "size": IMAGE_SIZE, "seed": 0}
 VARIANTS = {  # variant: (arch, init); "found" is the architecture of the fna run
     "fna": (None, "remap"),
     "seed": ("mobilenet_v2", "remap"),
@@ -98,6 +100,19 @@ def _scaled(settings: dict, scale: float) -> dict:
     return out
 
 
+def run_overrides(task: str, scale: float, search: bool, budget: float | None = None) -> list[str]:
+    """The demo's ``key=value`` settings of a ``task`` run: fine-tuning, and the search's with ``search``
+    (hard budget ``budget`` MAdds, if given)."""
+    spec = DEMO_TASKS[task]
+    overrides = [f"size={spec['size']}"]
+    overrides += [f"finetune.{k}={v}" for k, v in _scaled(spec["finetune"], scale).items()]
+    if search:
+        overrides += [f"search.{k}={v}" for k, v in _scaled(spec["search"], scale).items()]
+        if budget is not None:
+            overrides += [f"search.budget_madds={budget}"]
+    return overrides
+
+
 def run_task(task: str, data: Path, out: Path, scale: float, seed_weights: str | None, resume: bool,
              console: Console) -> list[dict]:
     """The three variants of one task; one summary row each."""
@@ -110,11 +125,7 @@ def run_task(task: str, data: Path, out: Path, scale: float, seed_weights: str |
         run_dir = out / task / variant
         if arch == "found":
             arch = str(out / task / "fna" / "arch.json")
-        overrides = [f"size={spec['size']}"]
-        overrides += [f"finetune.{k}={v}" for k, v in _scaled(spec["finetune"], scale).items()]
-        if arch is None:
-            overrides += [f"search.{k}={v}" for k, v in _scaled(spec["search"], scale).items()]
-            overrides += [f"search.budget_madds={budget}"]
+        overrides = run_overrides(task, scale, search=arch is None, budget=budget)
         cfg = load_config(None, overrides, task=task, data={"root": str(data), "format": spec["format"]},
                           arch=arch, init=init, seed_weights=seed_weights)
         console.rule(f"{task} · {variant}")
@@ -134,7 +145,8 @@ def run_demo(out: Path, seed_weights: str | None = None, scale: float = 1.0, res
     out.mkdir(parents=True, exist_ok=True)
     checks = {"seed_check": classify_chelsea(console, seed_weights), "madds": madds_table(console)}
     data = out / "data"
-    counts = write_demo(data, n_train=round(96 * scale), n_val=round(32 * scale), size=IMAGE_SIZE, seed=0)
+    counts = write_demo(data, **{**DEMO_DATA, "n_train": round(DEMO_DATA["n_train"] * scale),
+                                 "n_val": round(DEMO_DATA["n_val"] * scale)})
     console.print(f"demo dataset: {counts['train_images']} train / {counts['val_images']} val images in {data}")
     rows = []
     for task in DEMO_TASKS:

@@ -130,9 +130,11 @@ def _polygon(cls: int, cx: float, cy: float, r: float, angle: float, rng: np.ran
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
-def _shape_mask(cls: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """A random shape of class ``cls`` as a boolean ``[H, W]`` mask (may be cut by the border)."""
-    r = rng.uniform(0.1, 0.25) * min(h, w)
+def _shape_mask(cls: int, h: int, w: int, rng: np.random.Generator,
+                radius: tuple[float, float] = (0.1, 0.25)) -> np.ndarray:
+    """A random shape of class ``cls`` as a boolean ``[H, W]`` mask (may be cut by the border); its radius is
+    a fraction in ``radius`` of the image's short side."""
+    r = rng.uniform(*radius) * min(h, w)
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
@@ -143,20 +145,23 @@ def _shape_mask(cls: int, h: int, w: int, rng: np.random.Generator) -> np.ndarra
     return np.asarray(canvas, dtype=bool)
 
 
-def make_sample(rng: np.random.Generator, size: tuple[int, int] = (128, 128), max_objects: int = 6) -> DemoSample:
-    """One image with 2..``max_objects`` objects; each keeps at least half of its pixels visible."""
+def make_sample(rng: np.random.Generator, size: tuple[int, int] = (128, 128), max_objects: int = 6,
+                min_objects: int = 2, n_classes: int = len(CLASSES), radius: tuple[float, float] = (0.1, 0.25)
+                ) -> DemoSample:
+    """One image with ``min_objects``..``max_objects`` objects of the first ``n_classes`` classes, radius a
+    fraction in ``radius`` of the short side; each keeps at least half of its pixels visible."""
     h, w = size
     min_pixels = max(16, h * w // 400)
     image = _background(rng, h, w)
-    classes: list[int] = []
     full: list[np.ndarray] = []
     visible: list[np.ndarray] = []
-    target = int(rng.integers(2, max_objects + 1))
+    classes: list[int] = []
+    target = int(rng.integers(min_objects, max_objects + 1))
     for _ in range(8 * target):
         if len(classes) == target:
             break
-        cls = int(rng.integers(0, len(CLASSES)))
-        mask = _shape_mask(cls, h, w, rng)
+        cls = int(rng.integers(0, n_classes))
+        mask = _shape_mask(cls, h, w, rng, radius)
         if mask.sum() < min_pixels:
             continue
         covered = [v & ~mask for v in visible]
@@ -182,18 +187,25 @@ def _coco_annotations(sample: DemoSample, image_id: int, first_id: int) -> list[
 
 
 def write_demo(root: str | Path, n_train: int = 200, n_val: int = 50, size: int | tuple[int, int] = 128,
-               seed: int = 0) -> dict[str, int]:
+               seed: int = 0, n_classes: int = len(CLASSES), objects: tuple[int, int] = (2, 6),
+               radius: tuple[float, float] = (0.1, 0.25)) -> dict[str, int]:
     """Write the demo dataset under ``root`` (layout in the module doc); same arguments, same bytes.
 
-    Image ``i`` of a split depends only on ``(seed, split, i, size)``. Earlier demo images in ``root``
-    are replaced. Returns image and object counts.
+    ``n_classes`` (the first of :data:`CLASSES`), ``objects`` (fewest, most per image) and ``radius``
+    (fractions of the short side) shape the task: :data:`fna.demo.DEMO_DATA` is the demo's choice.
+    Image ``i`` of a split depends only on ``(seed, split, i, size)`` and those. Earlier demo images in
+    ``root`` are replaced. Returns image and object counts.
     """
+    if not 1 <= n_classes <= len(CLASSES) or not 1 <= objects[0] <= objects[1] or not 0 < radius[0] <= radius[1]:
+        raise DataError(root, f"bad demo settings: n_classes {n_classes} (1..{len(CLASSES)}), objects {objects}, "
+                              f"radius {radius}")
+    names = CLASSES[:n_classes]
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise DataError(root, "exists and is not a folder")
     size = (size, size) if isinstance(size, int) else tuple(size)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(("background", *CLASSES)) + "\n")
+    (root / "classes.txt").write_text("\n".join(("background", *names)) + "\n")
     counts = {}
     for split_code, (split, n) in enumerate(zip(SPLITS, (n_train, n_val))):
         for sub in ("images", "masks"):
@@ -202,7 +214,8 @@ def write_demo(root: str | Path, n_train: int = 200, n_val: int = 50, size: int 
                 stale.unlink()
         images, annotations = [], []
         for i in range(n):
-            sample = make_sample(np.random.default_rng([seed, split_code, i]), size)
+            sample = make_sample(np.random.default_rng([seed, split_code, i]), size, objects[1], objects[0],
+                                 n_classes, radius)
             name = f"{split}_{i:05d}.png"
             Image.fromarray(sample.image).save(root / "images" / split / name)
             Image.fromarray(sample.semantic_mask()).save(root / "masks" / split / name)
@@ -211,7 +224,7 @@ def write_demo(root: str | Path, n_train: int = 200, n_val: int = 50, size: int 
         coco = {"info": {"description": "fna demo shapes", "seed": seed},
                 "images": images, "annotations": annotations,
                 "categories": [{"id": c + 1, "name": name, "supercategory": "shape"}
-                               for c, name in enumerate(CLASSES)]}
+                               for c, name in enumerate(names)]}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
         counts[f"{split}_images"], counts[f"{split}_objects"] = n, len(annotations)
     return counts

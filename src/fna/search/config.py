@@ -31,6 +31,7 @@ class SearchConfig(OptimConfig):
     # schedule
     epochs: int = Field(ge=1)
     arch_start_epoch: int = Field(ge=0)
+    seed_path_epochs: int = Field(0, ge=0)  # first epochs of the warm-up train the seed's own path only
     weight_steps_per_arch_step: int = Field(ge=1)
     batch_size: int = Field(ge=1)  # total over all processes
     num_workers: int = Field(0, ge=0)
@@ -40,6 +41,9 @@ class SearchConfig(OptimConfig):
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = Field(1e-3, ge=0)
     arch_clip_grad: float | None = Field(35.0, gt=0)
+    # architecture steps recompute each layer's candidates in the backward pass: memory bounded by one
+    # layer's candidates (below a weight step's), ~1.6x the step time (docs/benchmarks.md)
+    arch_recompute: bool = True
     lam: float = Field(ge=0)  # a negative λ would reward expensive ops
     log_base: float = 10.0
     temperature: float
@@ -80,6 +84,9 @@ class SearchConfig(OptimConfig):
             raise ValueError("budget_madds constrains MAdds; with a latency_table give budget_latency_ms")
         if not 0 <= self.arch_start_epoch <= self.epochs:
             raise ValueError("arch_start_epoch must lie in [0, epochs]")
+        if self.seed_path_epochs > self.arch_start_epoch:
+            raise ValueError(f"seed_path_epochs ({self.seed_path_epochs}) is part of the warm-up: at most "
+                             f"arch_start_epoch ({self.arch_start_epoch})")
         if self.log_base <= 1 or self.temperature <= 0 or not 0 < self.budget_tolerance < 1:
             raise ValueError("log_base must be > 1, temperature > 0, budget_tolerance in (0, 1)")
         if not all(0 <= b < 1 for b in self.arch_betas):

@@ -2,7 +2,9 @@
 
 Per epoch over the weight half of the data:
 
-* before ``arch_start_epoch`` (warm-up): weight steps on uniformly sampled single paths;
+* before ``arch_start_epoch`` (warm-up): weight steps on uniformly sampled single paths — the first
+  ``seed_path_epochs`` of them on the seed's own path, which holds the seed's weights unchanged and so
+  learns the task as fast as the seed, before the other candidates share the training;
 * afterwards: one architecture step (every candidate, softmax(α)-weighted, weights frozen, Adam on α)
   before every ``weight_steps_per_arch_step`` weight steps on paths sampled from softmax(α).
 
@@ -58,7 +60,7 @@ from fna.search.config import SearchConfig, SearchError
 from fna.search.diagnostics import ArchGradients, layer_gradients, supernet_state
 from fna.search.outputs import SearchResult
 from fna.seeds import Seed, load_seed
-from fna.supernet import SearchSpace, SuperBackbone
+from fna.supernet import MixedLayer, SearchSpace, SearchSpaceError, SuperBackbone
 from fna.tasks import get_task
 from fna.training import (LossGuard, batches, batches_per_epoch, clip_grads, make_optimizer, make_scheduler,
                           to_device)
@@ -102,6 +104,16 @@ class Search:
         self.model = self.spec.head(self.backbone, config.num_classes or self.spec.num_classes,
                                     **config.model_kwargs).to(self.dist.device)
         self.arch_params = self.backbone.arch_parameters()
+        for layer in self.backbone.modules():
+            if isinstance(layer, MixedLayer):
+                layer.recompute = config.arch_recompute
+        self.seed_path = None
+        if config.seed_path_epochs:
+            try:
+                self.seed_path = self.backbone.arch_path(self.seed.arch)
+            except SearchSpaceError as e:
+                raise SearchError(f"seed_path_epochs: the seed's own architecture is not a path of the search "
+                                  f"space ({e})") from None
         arch_ids = {id(p) for p in self.arch_params}
         self.weight_params = [p for p in self.model.parameters() if id(p) not in arch_ids]
 
@@ -152,9 +164,12 @@ class Search:
 
     # -- the two steps (SPEC §4) ----------------------------------------------------------------
     def weight_step(self, batch: Any) -> float:
-        """One single-path weight step (path uniform during warm-up, else from softmax(α))."""
+        """One single-path weight step: the seed's own path in the first ``seed_path_epochs``, then a
+        uniform path during the warm-up, then a path from softmax(α)."""
         self.model.train()
         path = self.backbone.sample_path(self.path_gen, uniform=self.epoch < self.cfg.arch_start_epoch)
+        if self.epoch < self.cfg.seed_path_epochs:  # sampled all the same: the path RNG's order stays put
+            path = self.seed_path
         self.backbone.set_path(path)
         loss = self.spec.loss(self.model, self.to_device(batch))
         self._check_loss(loss, "weight")
