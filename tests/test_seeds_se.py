@@ -213,3 +213,14 @@ def test_fna_adapt_with_an_se_seed_weights_file_runs_end_to_end(tmp_path, one_th
     arch = Arch.from_dict(summary["arch"])
     assert arch.se == BUILTIN_ARCHS["mobilenet_v3_large"].se and arch.activation == "hswish"
     assert all(op.endswith("_relu") for op in arch.stages[1].ops if op != "skip")  # the seed's ReLU layers
+
+
+def test_seed_relative_pareto_budget_for_a_seed_outside_its_space_is_a_clear_error():
+    from fna.pareto import resolve_budgets
+    from fna.search import SearchError
+
+    arch = BUILTIN_ARCHS["mobilenet_v3_large"]
+    table = task_cost_table("retinanet", arch, SearchSpace.get("detection", arch), (64, 64))
+    with pytest.raises(SearchError, match=r"'0.5x' is a fraction of the seed's cost.*k3_e4_relu is not a candidate"):
+        resolve_budgets(["0.5x", "1x"], table, arch)
+    assert [b for _, b in resolve_budgets(["4e8", "5e8"], table, arch)] == [4e8, 5e8]
