@@ -91,6 +91,7 @@ def test_se_seed_onto_its_own_architecture_reproduces_its_logits_exactly(referen
 def test_classifier_costs_are_torchvisions_published_numbers(arch, madds, params):
     cost = model_cost("cls", BUILTIN_ARCHS[arch], (224, 224), 1000)
     assert (cost.madds, cost.params) == (madds, params)
+    assert "other" not in cost.parts  # MobileNetV3's pre-logits layer is a part of its own
 
 
 def test_fna_madds_cli_counts_mobilenet_v3_large():

@@ -274,7 +274,7 @@ class Classifier(nn.Module):
     """ImageNet-style classifier: backbone → global average pool → [pre-logits linear → activation, when
     the backbone's architecture has ``head_channels`` (MobileNetV3)] → dropout → linear."""
 
-    cost_parts = {"backbone": "backbone", "head": "classifier"}
+    cost_parts = {"backbone": "backbone", "pre-logits": "pre_logits", "head": "classifier"}
 
     def __init__(self, backbone: nn.Module, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
