@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from fna.arch import BUILTIN_ARCHS
+
 
 def fna(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fna", *args], capture_output=True, text=True)
@@ -71,8 +73,8 @@ def test_error_messages_print_paths_with_brackets_literally(tmp_path, folder):
     path = tmp_path / folder / "arch.json"
     out = fna("madds", "--arch", str(path))
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == f"error: unknown architecture '{path}': not a built-in (mobilenet_v2, " \
-                                 "fna_deeplabv3, fna_retinanet, fna_ssdlite) and no such file"
+    assert out.stderr.strip() == f"error: unknown architecture '{path}': not a built-in " \
+                                 f"({', '.join(BUILTIN_ARCHS)}) and no such file"
 
 
 def test_net_config_hint_keeps_its_brackets(tmp_path):

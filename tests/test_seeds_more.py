@@ -135,9 +135,9 @@ def test_any_seed_remaps_onto_fna_ssdlite_and_runs(name, mnasnet_model):
 
 
 @pytest.mark.parametrize("name,found", [
-    ("efficientnet_b0", "blocks.0.0.se.conv_reduce has a bias"),
-    ("mobilenetv3_large_100", "se.conv_reduce has a bias"),
-    ("vit_tiny_patch16_224", "linear layers"),
+    ("resnet18", "maxpool is a MaxPool2d"),
+    ("mixnet_s", "conv blocks.1.0.conv_pw.0 is not followed by a BN"),  # mixed kernels: grouped 1x1 convs
+    ("vit_tiny_patch16_224", "blocks.0.norm1 is a LayerNorm"),
 ])
 def test_unsupported_seed_says_what_structure_was_expected(name, found):
     with pytest.raises(SeedError, match=f"{name}: .*{found}.*expected an MBConv network"):

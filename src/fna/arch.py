@@ -3,8 +3,16 @@
 An architecture is data: a stem width, a list of stages (the first one being the fixed e1 block),
 and the width of the final 1x1 conv. Each stage lists one op name per layer::
 
-    k{K}_e{E}   MBConv with a KxK depthwise conv and expansion E (odd K >= 1, E >= 1)
-    skip        identity; only where the layer keeps its shape (not the first layer of a stage)
+    k{K}_e{E}[_se][_{act}]   MBConv with a KxK depthwise conv and expansion E (odd K >= 1, E >= 1, a
+                             decimal such as 2.5 where the expanded width is no multiple of the input's:
+                             round(E * c_in) channels); ``_se`` adds squeeze-excitation after the
+                             depthwise conv (how it squeezes is the architecture's ``se``); ``_{act}``
+                             (relu6, relu, hswish, silu) overrides the architecture's activation
+    skip                     identity; only where the layer keeps its shape (not the first layer of a stage)
+
+So MobileNetV2 reads ``k3_e6``, MobileNetV3 ``k5_e3_se_relu`` (SE, ReLU in a hard-swish network) and
+EfficientNet-B0 ``k5_e6_se``. ``head_channels`` is MobileNetV3's pre-logits layer (a linear layer with
+bias and the activation after global pooling, before the classifier); it only exists in classifiers.
 
 The first layer of a stage carries the stage's stride and channel change; later layers are stride 1,
 ``c_out -> c_out``. The description reads and writes JSON and the reference ``net_config`` text of
@@ -15,16 +23,20 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from fna.checkpoint import write_text_atomic
 from fna.errors import FnaError
 SKIP = "skip"
-_OP_RE = re.compile(r"^k(\d+)_e(\d+)$")
-ACTIVATIONS = ("relu6", "relu")
+_OP_RE = re.compile(r"^k(\d+)_e(\d+(?:\.\d+)?)(_se)?(?:_([a-z0-9]+))?$")
+ACTIVATIONS = ("relu6", "relu", "hswish", "silu")
+GATES = ("sigmoid", "hardsigmoid")
 
 
 class ArchError(FnaError, ValueError):
@@ -63,35 +75,92 @@ def _at_least(value: Any, minimum: int, what: str) -> None:
         raise ArchError(f"{what} must be >= {minimum}, got {value}")
 
 
+def _decimal(value: int | float) -> str:
+    """``6`` for whole numbers, else the shortest decimal (``2.5``)."""
+    if isinstance(value, int):
+        return str(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 @dataclass(frozen=True)
 class Op:
-    """One MBConv layer: depthwise kernel size and expansion ratio."""
+    """One MBConv layer: depthwise kernel size, expansion ratio, squeeze-excitation and its own activation
+    (``None``: the architecture's)."""
 
     kernel: int
-    expansion: int
+    expansion: int | float
+    se: bool = False
+    activation: str | None = None
 
     @property
     def name(self) -> str:
-        return f"k{self.kernel}_e{self.expansion}"
+        return (f"k{self.kernel}_e{_decimal(self.expansion)}" + "_se" * self.se
+                + (f"_{self.activation}" if self.activation else ""))
+
+    def hidden(self, c_in: int) -> int:
+        """The expanded width on ``c_in`` input channels: ``E * c_in`` rounded half up."""
+        return math.floor(Fraction(_decimal(self.expansion)) * c_in + Fraction(1, 2))
+
+    def like(self, kernel: int, expansion: int | float) -> Op:
+        """An op of another kernel and expansion with this one's squeeze-excitation and activation."""
+        return replace(self, kernel=kernel, expansion=expansion)
 
 
 def parse_op(name: str) -> Op | None:
-    """Decode ``k{K}_e{E}`` into an :class:`Op`; ``skip`` gives ``None``."""
+    """Decode ``k{K}_e{E}[_se][_{act}]`` into an :class:`Op`; ``skip`` gives ``None``."""
     if name == SKIP:
         return None
     m = _OP_RE.match(name)
     if not m:
-        raise ArchError(f"unknown op {name!r}: expected 'k<K>_e<E>' (e.g. 'k3_e6') or 'skip'")
+        raise ArchError(f"unknown op {name!r}: expected 'k<K>_e<E>[_se][_<activation>]' (e.g. 'k3_e6', "
+                        "'k5_e3_se_relu') or 'skip'")
     try:
-        kernel, expansion = int(m.group(1)), int(m.group(2))
+        kernel = int(m.group(1))
+        expansion = int(m.group(2)) if "." not in m.group(2) else float(m.group(2))
     except ValueError:  # more digits than Python converts
         raise ArchError(f"op {name[:24]}...: kernel size and expansion must be numbers of at most 4300 digits") \
             from None
     if kernel < 1 or kernel % 2 == 0:
         raise ArchError(f"op {name!r}: kernel size must be odd and >= 1")
-    if expansion < 1:
+    if not 1 <= expansion < float("inf"):
         raise ArchError(f"op {name!r}: expansion must be >= 1")
-    return Op(kernel, expansion)
+    if m.group(4) is not None and m.group(4) not in ACTIVATIONS:
+        raise ArchError(f"op {name!r}: unknown activation {m.group(4)!r}, expected one of {ACTIVATIONS}")
+    return Op(kernel, expansion, m.group(3) is not None, m.group(4))
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """``value`` rounded to a multiple of ``divisor``, never below 90% of it (torchvision's / timm's rule)."""
+    out = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * value else out
+
+
+@dataclass(frozen=True)
+class SqueezeExcite:
+    """How an architecture's ``_se`` layers squeeze-excite: global average pool → linear to R → activation →
+    linear back → gate, scaling the depthwise output per channel.
+
+    R = ``make_divisible(W // 4, divisor)`` with W the layer's input width (``from_input``, EfficientNet:
+    ``c_in / 4``) or its expanded width (MobileNetV3: ``make_divisible(hidden / 4, 8)``).
+    """
+
+    from_input: bool = False
+    divisor: int = 8
+    activation: str = "relu"
+    gate: str = "hardsigmoid"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.from_input, bool):
+            raise ArchError(f"se.from_input must be true or false, got {self.from_input!r}")
+        _at_least(self.divisor, 1, "se.divisor")
+        if self.activation not in ACTIVATIONS:
+            raise ArchError(f"se.activation {self.activation!r}: expected one of {ACTIVATIONS}")
+        if self.gate not in GATES:
+            raise ArchError(f"se.gate {self.gate!r}: expected one of {GATES}")
+
+    def reduced(self, c_in: int, hidden: int) -> int:
+        """The squeezed width of a layer with ``c_in`` input and ``hidden`` expanded channels."""
+        return make_divisible((c_in if self.from_input else hidden) // 4, self.divisor)
 
 
 @dataclass(frozen=True)
@@ -131,6 +200,8 @@ class Arch:
     activation: str = "relu6"
     bn_eps: float = 1e-5
     in_channels: int = 3
+    se: SqueezeExcite | None = None  # how the ``_se`` layers squeeze; None: no layer has SE
+    head_channels: int = 0  # pre-logits linear layer of a classifier (MobileNetV3's 1280); 0: none
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +220,9 @@ class Arch:
         if _int(self.stem_stride, "stem_stride") not in (1, 2):
             raise ArchError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
         _at_least(self.final_channels, 0, "final_channels (0: no final 1x1 conv)")
+        _at_least(self.head_channels, 0, "head_channels (0: no pre-logits layer)")
+        if self.se is not None and not isinstance(self.se, SqueezeExcite):
+            raise ArchError(f"se must describe the squeeze-excitation, got {self.se!r}")
         if isinstance(self.bn_eps, bool) or not isinstance(self.bn_eps, (int, float)) \
                 or not 0 < self.bn_eps < float("inf"):
             raise ArchError(f"bn_eps must be a number > 0, got {self.bn_eps!r}")
@@ -175,6 +249,9 @@ class Arch:
                     raise ArchError(f"{where} layer {j}: {e}") from None
                 if parsed is None and (c_in != c_out or stride != 1):
                     raise ArchError(f"{where} layer {j}: 'skip' is only allowed where the layer keeps its shape")
+                if parsed is not None and parsed.se and self.se is None:
+                    raise ArchError(f"{where} layer {j}: op {op!r} has squeeze-excitation, but the architecture "
+                                    "gives no 'se' (how its layers squeeze)")
             prev = stage.c_out
 
     # -- views ----------------------------------------------------------------------------------
@@ -214,8 +291,13 @@ class Arch:
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; ``se`` and ``head_channels`` only when set, so MBConv files without them read
+        as they always did."""
         d = asdict(self)
         d["stages"] = [{**asdict(s), "ops": list(s.ops)} for s in self.stages]
+        for key, unset in (("se", None), ("head_channels", 0)):
+            if d[key] == unset:
+                del d[key]
         return d
 
     @classmethod
@@ -229,31 +311,56 @@ class Arch:
         stages = [Stage(*(_whole(v, f"stage {i} {name}") for v, name in zip((c_in, c_out, stride), INT_FIELDS)),
                         ops, _whole(dilation, f"stage {i} dilation"))
                   for i, (c_in, c_out, stride, ops, dilation) in enumerate(entries)]
-        known = {"stem_channels", "stem_stride", "final_channels", "activation", "bn_eps", "in_channels", "name"}
+        known = {"stem_channels", "stem_stride", "final_channels", "activation", "bn_eps", "in_channels", "se",
+                 "head_channels", "name"}
         unknown = set(d) - known - {"stages"}
         if unknown:
             raise ArchError(f"unknown architecture fields: {sorted(unknown)}")
-        fields = {k: d[k] for k in known if k in d and not (k == "name" and d[k] is None)}
-        for k in ("stem_channels", "stem_stride", "final_channels", "in_channels"):
+        fields = {k: d[k] for k in known if k in d and not (k in ("name", "se") and d[k] is None)}
+        for k in ("stem_channels", "stem_stride", "final_channels", "in_channels", "head_channels"):
             if k in fields:
                 fields[k] = _whole(fields[k], k)
+        if isinstance(fields.get("se"), dict):
+            try:
+                fields["se"] = SqueezeExcite(**fields["se"])
+            except TypeError as e:
+                raise ArchError(f"malformed se entry ({e}); it may give from_input, divisor, activation, gate") \
+                    from None
         return cls(stages=tuple(stages), **fields)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_net_config(self) -> str:
-        """The reference text format: ``[[c_in, c_out], [ops], stride]`` entries joined by ``|``."""
-        return "|\n".join(str([[s.c_in, s.c_out], list(s.ops), s.stride]) for s in self.stages)
+        """The reference text format: ``[[c_in, c_out], [ops], stride]`` entries joined by ``|``.
+
+        Fields the format has no place for and that differ from their defaults (MobileNetV3's
+        ``final_channels``, ``activation``, ``se``, ...) follow as one last ``{field: value}`` entry
+        (ours), so every architecture round-trips; MobileNetV2-family text stays the reference's.
+        """
+        text = "|\n".join(str([[s.c_in, s.c_out], list(s.ops), s.stride]) for s in self.stages)
+        defaults = {f.name: f.default for f in dataclass_fields(self) if f.name not in ("stages", "stem_channels", "name")}
+        settings = {k: v for k, v in self.to_dict().items() if k in defaults and v != defaults[k]}
+        return text + f"|\n{settings}" if settings else text
 
     @classmethod
     def from_net_config(cls, text: str, **kwargs: Any) -> Arch:
-        """Parse the reference text format. A trailing ``[[320, C], ['conv_2d_1x1'], 1]`` sets the final conv."""
+        """Parse the reference text format. A trailing ``[[320, C], ['conv_2d_1x1'], 1]`` sets the final conv;
+        a last ``{field: value}`` entry (see :meth:`to_net_config`) the other fields."""
         stages: list[Stage] = []
-        final = kwargs.pop("final_channels", 1280)
         entries = [e.strip() for e in text.strip().split("|") if e.strip()]
         if not entries:
             raise ArchError("empty net_config")
+        settings: dict[str, Any] = {}
+        if entries[-1].startswith("{"):
+            try:
+                settings = ast.literal_eval(entries.pop())
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+                raise ArchError(f"net_config: the last entry is not a '{{field: value}}' dict ({type(e).__name__})") \
+                    from None
+            if not isinstance(settings, dict) or not entries:
+                raise ArchError("net_config: the last entry must be a '{field: value}' dict after the stages")
+        final = kwargs.pop("final_channels", 1280)
         for i, entry in enumerate(entries):
             try:
                 (c_in, c_out), ops, stride = ast.literal_eval(entry)
@@ -271,20 +378,52 @@ class Arch:
             stages.append(Stage(c_in, c_out, stride, tuple(ops)))
         if not stages:
             raise ArchError("net_config has no stages, only the final 'conv_2d_1x1'")
-        return cls(stages=tuple(stages), final_channels=final, stem_channels=stages[0].c_in, **kwargs)
+        if not settings:
+            return cls(stages=tuple(stages), final_channels=final, stem_channels=stages[0].c_in, **kwargs)
+        return cls.from_dict({"final_channels": final, **kwargs, **settings, "stem_channels": stages[0].c_in,
+                              "stages": [{**asdict(s), "ops": list(s.ops)} for s in stages]})
 
 
 # -- built-in architectures ---------------------------------------------------------------------
 
+def _chain(c_in: int, stages: list[tuple[int, int, list[str]]]) -> tuple[Stage, ...]:
+    """Stages from ``(c_out, stride, ops)`` entries, each taking the previous one's output width."""
+    out = []
+    for c_out, stride, ops in stages:
+        out.append(Stage(c_in, c_out, stride, tuple(ops)))
+        c_in = c_out
+    return tuple(out)
+
+
 def _mbv2_like(stage_ops: list[list[str]], name: str) -> Arch:
-    channels = [16, 24, 32, 64, 96, 160, 320]
+    widths = [16, 24, 32, 64, 96, 160, 320]
     strides = [1, 2, 2, 2, 1, 2, 1]
-    ops = [["k3_e1"]] + stage_ops
-    stages, c_in = [], 32
-    for c, s, o in zip(channels, strides, ops):
-        stages.append(Stage(c_in, c, s, tuple(o)))
-        c_in = c
-    return Arch(stages=tuple(stages), name=name)
+    return Arch(stages=_chain(32, list(zip(widths, strides, [["k3_e1"]] + stage_ops))), name=name)
+
+
+def _mobilenet_v3_large(bn_eps: float, name: str) -> Arch:
+    """MobileNetV3-Large: hard-swish network whose first stages use ReLU, SE from the expanded width."""
+    return Arch(stages=_chain(16, [
+        (16, 1, ["k3_e1_relu"]),
+        (24, 2, ["k3_e4_relu", "k3_e3_relu"]),
+        (40, 2, ["k5_e3_se_relu"] * 3),
+        (80, 2, ["k3_e6", "k3_e2.5", "k3_e2.3", "k3_e2.3"]),
+        (112, 1, ["k3_e6_se"] * 2),
+        (160, 2, ["k5_e6_se"] * 3)]), stem_channels=16, final_channels=960, head_channels=1280,
+        activation="hswish", bn_eps=bn_eps, se=SqueezeExcite(), name=name)
+
+
+def _efficientnet_b0() -> Arch:
+    """EfficientNet-B0: SiLU everywhere, SE in every layer, squeezed to a quarter of the layer's input."""
+    return Arch(stages=_chain(32, [
+        (16, 1, ["k3_e1_se"]),
+        (24, 2, ["k3_e6_se"] * 2),
+        (40, 2, ["k5_e6_se"] * 2),
+        (80, 2, ["k3_e6_se"] * 3),
+        (112, 1, ["k5_e6_se"] * 3),
+        (192, 2, ["k5_e6_se"] * 4),
+        (320, 1, ["k3_e6_se"])]), activation="silu",
+        se=SqueezeExcite(from_input=True, divisor=1, activation="silu", gate="sigmoid"), name="efficientnet_b0")
 
 
 BUILTIN_ARCHS: dict[str, Arch] = {
@@ -310,6 +449,9 @@ BUILTIN_ARCHS: dict[str, Arch] = {
         ["k7_e6", "k7_e6", "k7_e6", "k7_e6"],
         ["k5_e6", "k7_e6", "k7_e6", "skip"],
         ["k7_e6"]], "fna_ssdlite"),
+    "mobilenet_v3_large": _mobilenet_v3_large(1e-3, "mobilenet_v3_large"),  # torchvision (BN eps 1e-3)
+    "mobilenetv3_large_100": _mobilenet_v3_large(1e-5, "mobilenetv3_large_100"),  # timm (BN eps 1e-5)
+    "efficientnet_b0": _efficientnet_b0(),  # timm's and torchvision's
 }
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fna.arch import SKIP, Arch, ArchError, parse_op
-from fna.ops import ConvBNAct, MBConv
+from fna.ops import ConvBNAct, MBConv, make_activation
 
 _TAP_RE = re.compile(r"^(stage|expand)(\d+)$")
 
@@ -104,7 +104,7 @@ class FeatureInfo:
         return (batch, self.channels, *_reduced(size, self.stride))
 
 
-LayerFactory = Callable[[LayerInfo, str, float], nn.Module]  # (layer, activation, bn_eps) -> module
+LayerFactory = Callable[[LayerInfo, Arch], nn.Module]  # (layer, its network) -> module
 LayerRunner = Callable[[LayerInfo, nn.Module, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
@@ -113,10 +113,16 @@ def layer_module(stage: int, index: int) -> str:
     return f"stages.{stage}.{index}"
 
 
-def plain_layer(info: LayerInfo, activation: str, bn_eps: float) -> MBConv:
+def mbconv(info: LayerInfo, op: str, arch: Arch, bn_affine: bool = True) -> MBConv:
+    """The MBConv ``op`` at ``info``'s position of ``arch`` (its activation, BN eps and SE rule)."""
+    return MBConv(info.c_in, info.c_out, parse_op(op), info.stride, info.dilation, arch.activation,
+                  bn_affine=bn_affine, bn_eps=arch.bn_eps, se=arch.se)
+
+
+def plain_layer(info: LayerInfo, arch: Arch) -> MBConv:
     """The layer factory of :class:`Backbone`: the MBConv of the position's one op."""
     (op,) = info.ops
-    return MBConv(info.c_in, info.c_out, parse_op(op), info.stride, info.dilation, activation, bn_eps=bn_eps)
+    return mbconv(info, op, arch)
 
 
 def run_plain(info: LayerInfo, layer: nn.Module, x: torch.Tensor, want_hidden: bool
@@ -166,7 +172,7 @@ def _tap_feature(tap: Tap, arch: Arch, per_stage: Sequence[Sequence[LayerInfo]],
     ops = [parse_op(o) for o in first.ops] if first is not None else []
     if not ops or any(op is None or op.expansion == 1 for op in ops):
         raise ArchError(f"tap {tap.name!r}: the first layer of stage {tap.stage} has no expand conv")
-    widths = {first.c_in * op.expansion for op in ops}
+    widths = {op.hidden(first.c_in) for op in ops}
     if len(widths) > 1:
         raise ArchError(f"tap {tap.name!r}: the candidates of the first layer of stage {tap.stage} differ in "
                         "expansion, so the tap has no one width")
@@ -178,7 +184,8 @@ class TapBackbone(nn.Module):
 
     ``stage_ops[i][j]`` is what layer ``j`` of stage ``i`` computes (one op, or a mixed layer's
     candidates; skips already dropped). Attributes: ``taps``, ``output_stride``, ``layer_info`` (forward
-    order), ``feature_info`` and ``out_channels`` (both in tap order), modules ``stem``, ``stages``
+    order), ``feature_info`` and ``out_channels`` (both in tap order), ``head_channels`` and
+    ``activation`` (what a classifier puts after pooling), modules ``stem``, ``stages``
     (``nn.Sequential`` of plain layers, else ``nn.ModuleList``) and ``final`` (``None`` unless tapped).
     The weights are initialised (:func:`init_weights`).
     """
@@ -216,6 +223,7 @@ class TapBackbone(nn.Module):
                            *([LayerInfo("final", arch.stages[-1].c_out, arch.final_channels, 1, 1, stride)]
                              if has_final else []))
         self.out_channels = OrderedDict((f.tap.name, f.channels) for f in self.feature_info)
+        self.head_channels, self.activation = arch.head_channels, arch.activation
         self._stage_infos = tuple(per_stage)
         self._expand_taps = {f.tap.stage: f.tap.name for f in self.feature_info if f.tap.kind == "expand"}
         self._stage_taps = {f.tap.stage: f.tap.name for f in self.feature_info if f.tap.kind == "stage"}
@@ -226,7 +234,7 @@ class TapBackbone(nn.Module):
         self.stem = ConvBNAct(arch.in_channels, arch.stem_channels, 3, arch.stem_stride, **norm)
         stages = []
         for infos in per_stage:
-            made = [factory(info, arch.activation, arch.bn_eps) for info in infos]
+            made = [factory(info, arch) for info in infos]
             stages.append(nn.Sequential(*made) if all(isinstance(m, MBConv) for m in made) else nn.ModuleList(made))
         self.stages = nn.ModuleList(stages)
         self.final = ConvBNAct(arch.stages[-1].c_out, arch.final_channels, 1, **norm) if has_final else None
@@ -263,20 +271,29 @@ class Backbone(TapBackbone):
 
 
 class Classifier(nn.Module):
-    """ImageNet-style classifier: backbone → global average pool → dropout → linear."""
+    """ImageNet-style classifier: backbone → global average pool → [pre-logits linear → activation, when
+    the backbone's architecture has ``head_channels`` (MobileNetV3)] → dropout → linear."""
 
-    cost_parts = {"backbone": "backbone", "head": "classifier"}
+    cost_parts = {"backbone": "backbone", "pre-logits": "pre_logits", "head": "classifier"}
 
     def __init__(self, backbone: nn.Module, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
         self.backbone = backbone
+        width = backbone.out_channels["final"]
+        self.pre_logits = (nn.Sequential(nn.Linear(width, backbone.head_channels),
+                                         make_activation(backbone.activation))
+                           if backbone.head_channels else None)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(backbone.out_channels["final"], num_classes)
+        self.classifier = nn.Linear(backbone.head_channels or width, num_classes)
         init_weights(self.classifier)
+        if self.pre_logits is not None:
+            init_weights(self.pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone(x)["final"]
         x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.pre_logits is not None:
+            x = self.pre_logits(x)
         return self.classifier(self.dropout(x))
 
 

@@ -62,6 +62,19 @@ def archs() -> None:
 
 
 @app.command()
+def seeds() -> None:
+    """List the seed networks, their layers and what each needs for its ImageNet weights."""
+    from fna.seeds import SEEDS, find_weights
+
+    for name, spec in SEEDS.items():
+        path, arch = find_weights(spec), spec.arch
+        layers = (f"{arch.activation}{', squeeze-excite' if arch.se else ''}" if arch
+                  else "layers read from its module tree")
+        console.print(f"[bold]{name}[/] ({spec.library} {name}; {layers})", highlight=False)
+        console.print(f"  weights: {path}" if path else f"  weights: {spec.needs()}", highlight=False)
+
+
+@app.command()
 def madds(
     arch: Annotated[str, typer.Option(help="Built-in name, JSON file or net_config text file.")] = "mobilenet_v2",
     task: Annotated[str, typer.Option(help="cls | seg | retinanet | ssdlite")] = "cls",

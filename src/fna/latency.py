@@ -36,12 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fna.arch import SKIP, Arch, get_arch, parse_op
-from fna.backbone import Backbone
+from fna.arch import SKIP, Arch, get_arch
+from fna.backbone import Backbone, mbconv
 from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.errors import FnaError
-from fna.ops import MBConv
 from fna.rundir import RunDir, read_json, write_json
 from fna.seeds import SEEDS
 from fna.seeds.discover import discover_arch
@@ -87,9 +86,9 @@ class LatencySettings:
         return self.num_classes or get_task(self.task).num_classes
 
     def search_space(self) -> SearchSpace:
-        if self.space is not None:
-            return SearchSpace.get(self.space)
-        return SearchSpace.get((get_task(self.task).search_defaults or {}).get("space", "detection"))
+        spec = self.space if self.space is not None else (get_task(self.task).search_defaults or {}).get(
+            "space", "detection")
+        return SearchSpace.get(spec, self.seed_arch())
 
     def seed_arch(self) -> Arch:
         """The seed's architecture (read from the reference model's module tree when not listed)."""
@@ -218,8 +217,7 @@ def table_parts(settings: LatencySettings) -> tuple[list[Part], list[list[list[s
             continue
         for name in (n for n in info.ops if n != SKIP):
             parts.append(Part(entry_name(*info.position, name),
-                              lambda info=info, name=name: MBConv(info.c_in, info.c_out, parse_op(name), info.stride,
-                                                                  info.dilation, a.activation, bn_eps=a.bn_eps),
+                              lambda info=info, name=name: mbconv(info, name, a),
                               [info.input_shape(size)]))
     return parts, [[list(n) for n in layers] for layers in backbone.candidates]
 

@@ -1,9 +1,10 @@
-"""Building blocks: conv-BN-activation and the MBConv (inverted residual) layer.
+"""Building blocks: conv-BN-activation, squeeze-excitation and the MBConv (inverted residual) layer.
 
-Every MBConv has the same three roles, in forward order, which the remapping walks by name:
-``expand`` (1x1, absent when the expansion is 1), ``depthwise`` (KxK, carries stride and dilation)
-and ``project`` (1x1, no activation). Each role is a :class:`ConvBNAct` with children ``conv``,
-``bn`` and (except ``project``) ``act``.
+Every MBConv has the same roles, in forward order, which the remapping walks by name: ``expand``
+(1x1, absent when the expansion is 1), ``depthwise`` (KxK, carries stride and dilation), ``se``
+(:class:`SqueezeExcite`, only in ``_se`` ops) and ``project`` (1x1, no activation). ``expand``,
+``depthwise`` and ``project`` are :class:`ConvBNAct` with children ``conv``, ``bn`` and (except
+``project``) ``act``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fna.arch import Op
+from fna.arch import Op, SqueezeExcite as SESpec
+
+_ACTIVATIONS = {"relu6": lambda: nn.ReLU6(inplace=True), "relu": lambda: nn.ReLU(inplace=True),
+                "hswish": lambda: nn.Hardswish(inplace=True), "silu": lambda: nn.SiLU(inplace=True),
+                "sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
 
 
 def make_activation(name: str) -> nn.Module:
-    """``relu6`` or ``relu`` as a module."""
-    if name == "relu6":
-        return nn.ReLU6(inplace=True)
-    if name == "relu":
-        return nn.ReLU(inplace=True)
-    raise ValueError(f"unknown activation {name!r}")
+    """An activation or SE gate by name (``relu6``, ``relu``, ``hswish``, ``silu``, ``sigmoid``, ``hardsigmoid``)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}")
+    return _ACTIVATIONS[name]()
 
 
 class ConvBNAct(nn.Sequential):
@@ -41,25 +44,51 @@ class ConvBNAct(nn.Sequential):
             self.act = make_activation(activation)
 
 
+class SqueezeExcite(nn.Module):
+    """Global average pool → ``reduce`` (linear) → activation → ``expand`` (linear) → gate → scale the input.
+
+    The two fully connected layers are :class:`~torch.nn.Linear` on the pooled vector (what
+    torchvision's and timm's 1x1 convs on a 1x1 map compute), so they count as linear layers (SPEC §6).
+    """
+
+    def __init__(self, channels: int, reduced: int, activation: str, gate: str) -> None:
+        super().__init__()
+        self.reduce = nn.Linear(channels, reduced)
+        self.act = make_activation(activation)
+        self.expand = nn.Linear(reduced, channels)
+        self.gate = make_activation(gate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.gate(self.expand(self.act(self.reduce(x.mean((2, 3))))))
+        return x * scale[:, :, None, None]
+
+
 class MBConv(nn.Module):
-    """Inverted residual layer ``k{K}_e{E}``: expand 1x1 → depthwise KxK → project 1x1 (+ identity)."""
+    """Inverted residual layer ``k{K}_e{E}[_se][_{act}]``: expand 1x1 → depthwise KxK → [SE] → project 1x1
+    (+ identity). ``activation`` is the network's, used unless the op names its own; ``se`` says how
+    an ``_se`` op squeezes."""
 
     def __init__(self, c_in: int, c_out: int, op: Op, stride: int = 1, dilation: int = 1,
-                 activation: str = "relu6", bn_affine: bool = True, bn_eps: float = 1e-5) -> None:
+                 activation: str = "relu6", bn_affine: bool = True, bn_eps: float = 1e-5,
+                 se: SESpec | None = None) -> None:
         super().__init__()
-        hidden = c_in * op.expansion
+        if op.se and se is None:
+            raise ValueError(f"op {op.name} has squeeze-excitation, but no SE description was given")
+        hidden = op.hidden(c_in)
         self.op = op
         self.stride = stride
-        norm = dict(activation=activation, bn_affine=bn_affine, bn_eps=bn_eps)
+        norm = dict(activation=op.activation or activation, bn_affine=bn_affine, bn_eps=bn_eps)
         self.expand = ConvBNAct(c_in, hidden, 1, **norm) if op.expansion != 1 else None
         self.depthwise = ConvBNAct(hidden, hidden, op.kernel, stride, dilation, groups=hidden, **norm)
+        self.se = SqueezeExcite(hidden, se.reduced(c_in, hidden), se.activation, se.gate) if op.se else None
         self.project = ConvBNAct(hidden, c_out, 1, **{**norm, "activation": None})
         self.use_residual = c_in == c_out and stride == 1
 
     def forward_with_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and the expanded activation (the SSDLite tap inside a layer)."""
         hidden = self.expand(x) if self.expand is not None else x
-        out = self.project(self.depthwise(hidden))
+        out = self.depthwise(hidden)
+        out = self.project(self.se(out) if self.se is not None else out)
         return (out + x if self.use_residual else out), hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from fna.evaluate import EvalConfig
 from fna.rundir import ParetoDir, write_json
 from fna.search import Search, SearchConfig, SearchError
 from fna.seeds import load_seed
-from fna.supernet import SinglePath, arch_path
+from fna.supernet import SearchSpaceError, SinglePath, arch_path
 from fna.tasks import build_model
 from fna.training import to_device
 
@@ -65,7 +65,12 @@ def resolve_budgets(specs: list[str], table: CostTable, seed_arch: Arch) -> list
             raise SearchError(f"Pareto budget {spec!r}: expected a number in the cost unit or a fraction of the "
                               "seed's cost such as 0.75x") from None
         if spec.endswith("x"):
-            value *= table.path_cost(arch_path(seed_arch, seed_arch, table.candidates))
+            try:
+                value *= table.path_cost(arch_path(seed_arch, seed_arch, table.candidates))
+            except SearchSpaceError as e:  # e.g. MobileNetV3's e4 and e2.5 layers outside kernels x {e3, e6}
+                raise SearchError(f"Pareto budget {spec!r} is a fraction of the seed's cost, but the seed's own "
+                                  f"architecture is not in the search space ({e}); give the budget in the cost "
+                                  "unit or a space that holds the seed's ops") from None
         out.append((spec, value))
     if len(out) < 2:
         raise SearchError("a Pareto set needs at least two budgets")

@@ -1,7 +1,7 @@
 """Parameter remapping (SPEC §3): seed weights → a target architecture or the super network.
 
 The rules are applied per tensor, walking both networks structurally — stem, stage *i* layer *l*
-role (``expand`` / ``depthwise`` / ``project``), final conv — never by rewriting key strings:
+role (``expand`` / ``depthwise`` / ``se`` / ``project``), final conv — never by rewriting key strings:
 
 * **Depth** — layer ``l`` of stage ``i`` takes seed layer ``min(l, n_i - 1)`` of the same stage
   (:func:`depth_source`). Skip layers are not built, so the ``m`` non-skip layers of a target stage
@@ -13,6 +13,9 @@ role (``expand`` / ``depthwise`` / ``project``), final conv — never by rewriti
   the fresh init (γ 1, β 0, mean 0, var 1).
 * **Kernel** (centre) — a larger target kernel holds the seed kernel in its centre with a zero ring
   (3→5 at ``[1:4, 1:4]``); a smaller one takes the centre crop.
+* **Squeeze-excitation** moves with its layer: its ``reduce`` weight ``[R, hidden]`` and ``expand``
+  weight ``[hidden, R]`` follow the expanded width first-k (and R, where the family's squeezed width
+  depends on it), biases their leading entries; uncovered entries are zero.
 
 A layer without a counterpart role in its source — an expand conv in a target layer whose seed
 layer is ``e1`` — keeps the init it was built with and is reported ``fresh``: zero-filling it would
@@ -33,10 +36,10 @@ from torch import nn
 from fna.arch import Arch
 from fna.backbone import Backbone
 from fna.errors import FnaError
-from fna.ops import ConvBNAct, MBConv
+from fna.ops import ConvBNAct, MBConv, SqueezeExcite
 from fna.seeds import Seed
 
-ROLES = ("expand", "depthwise", "project")
+ROLES = ("expand", "depthwise", "se", "project")
 BN_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
@@ -54,9 +57,10 @@ def depth_source(layer: int, seed_depth: int) -> int:
 
 
 def remap_conv_weight(src: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``src`` ``[O, I, kh, kw]`` fitted to ``shape``: first-k on O and I, centre on the kernel, zeros elsewhere."""
-    if src.dim() != 4 or len(shape) != 4:
-        raise ValueError(f"expected 4-d conv weights, got {tuple(src.shape)} → {tuple(shape)}")
+    """``src`` ``[O, I, kh, kw]`` (or a linear ``[O, I]``) fitted to ``shape``: first-k on O and I, centre on
+    the kernel, zeros elsewhere."""
+    if src.dim() not in (2, 4) or len(shape) != src.dim():
+        raise ValueError(f"expected 4-d conv or 2-d linear weights, got {tuple(src.shape)} → {tuple(shape)}")
     out = src.new_zeros(tuple(shape))
     src_idx, dst_idx = [], []
     for dim, (s, t) in enumerate(zip(src.shape, shape)):
@@ -235,18 +239,43 @@ def remap_conv_bn(src: ConvBNAct | None, dst: ConvBNAct, role: str) -> list[Tens
     return reports
 
 
+@torch.no_grad()
+def remap_linear(src: nn.Linear | None, dst: nn.Linear, name: str) -> list[TensorReport]:
+    """Remap one linear layer (an SE's ``reduce`` or ``expand``): weight first-k on both dims, bias its
+    leading entries, uncovered entries zero. ``src=None`` leaves ``dst`` at its init (``fresh``)."""
+    reports = []
+    for kind in ("weight", "bias"):
+        t = getattr(dst, kind)
+        s_t = getattr(src, kind) if src is not None else None
+        if s_t is None:
+            reports.append(TensorReport(f"{name}.{kind}", None, tuple(t.shape), ("fresh",), 0, True))
+            continue
+        t.copy_(remap_conv_weight(s_t, t.shape) if kind == "weight" else remap_bn_vector(s_t, t.numel(), 0.0))
+        reports.append(TensorReport(f"{name}.{kind}", tuple(s_t.shape), tuple(t.shape),
+                                    _actions(s_t.shape, t.shape, "zero-filled"),
+                                    math.prod(min(a, b) for a, b in zip(s_t.shape, t.shape)), True))
+    return reports
+
+
+def remap_se(src: SqueezeExcite | None, dst: SqueezeExcite) -> list[TensorReport]:
+    """Remap a squeeze-excitation block (its ``reduce`` and ``expand`` linear layers)."""
+    return [*remap_linear(src.reduce if src is not None else None, dst.reduce, "se.reduce"),
+            *remap_linear(src.expand if src is not None else None, dst.expand, "se.expand")]
+
+
 def remap_layer(src: MBConv, dst: MBConv) -> LayerReport:
     """Remap seed layer ``src`` into target layer ``dst`` role by role (width and kernel rules).
 
-    A source without an expand conv (``e1``) leaves the target's expand at its init (``fresh``); a
-    target without one simply does not take the source's. Works for super-network candidates, whose
-    BN has nothing to remap.
+    A source without an expand conv (``e1``) or without SE leaves the target's at its init
+    (``fresh``); a target without one simply does not take the source's. Works for super-network
+    candidates, whose BN has nothing to remap.
     """
     tensors = []
     for role in ROLES:
         d = getattr(dst, role)
         if d is not None:
-            tensors += remap_conv_bn(getattr(src, role), d, role)
+            s = getattr(src, role)
+            tensors += remap_se(s, d) if role == "se" else remap_conv_bn(s, d, role)
     return LayerReport(op=dst.op.name, source_op=src.op.name, tensors=tensors)
 
 
@@ -309,12 +338,14 @@ def remap_seed(seed: Seed, arch: Arch, taps: Sequence[str] = ("final",),
                output_stride: int | None = None) -> tuple[Backbone, RemapReport]:
     """``arch``'s backbone with the seed's weights remapped into it, and the report.
 
-    The target takes the seed's activation and BN eps: the remapped weights were trained with them.
+    The target takes the seed's activation, BN eps and (if it has one) squeeze-excitation rule: the
+    remapped weights were trained with them.
     """
     source = seed.classifier().backbone
+    attrs = ("activation", "bn_eps") + (("se",) if seed.arch.se is not None else ())
     notes = [f"target takes the seed's {attr} {getattr(seed.arch, attr)} (the architecture said "
-             f"{getattr(arch, attr)})" for attr in ("activation", "bn_eps") if getattr(arch, attr) != getattr(seed.arch, attr)]
-    arch = replace(arch, activation=seed.arch.activation, bn_eps=seed.arch.bn_eps)
+             f"{getattr(arch, attr)})" for attr in attrs if getattr(arch, attr) != getattr(seed.arch, attr)]
+    arch = replace(arch, **{attr: getattr(seed.arch, attr) for attr in attrs})
     target = Backbone(arch, taps=taps, output_stride=output_stride)
     report = remap_backbone(source, target)
     report.notes[:0] = notes

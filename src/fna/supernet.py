@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fna.arch import SKIP, Arch, ArchError, Op, parse_op
-from fna.backbone import (Backbone, LayerInfo, LayerRunner, TapBackbone, layer_module, parse_tap, plain_layer,
-                          run_plain)
+from fna.backbone import (Backbone, LayerInfo, LayerRunner, TapBackbone, layer_module, mbconv, parse_tap,
+                          plain_layer, run_plain)
 from fna.errors import FnaError
 from fna.ops import MBConv
 from fna.remap import depth_source, remap_conv_bn, remap_layer
@@ -66,9 +66,10 @@ class StageSpace:
         if not self.expansions or any(e < 1 for e in self.expansions):
             raise SearchSpaceError(f"expansions must be >= 1, got {list(self.expansions)}")
 
-    def ops(self, expansions: Sequence[int] | None = None) -> tuple[str, ...]:
-        """MBConv op names, kernel-major (``k3_e3, k3_e6, k5_e3, ...``)."""
-        return tuple(Op(k, e).name for k in self.kernels for e in (expansions or self.expansions))
+    def ops(self, expansions: Sequence[int] | None = None, like: Op = Op(1, 1)) -> tuple[str, ...]:
+        """MBConv op names, kernel-major (``k3_e3, k3_e6, k5_e3, ...``), with ``like``'s squeeze-excitation
+        and activation (``k3_e3_se_relu, ...``)."""
+        return tuple(like.like(k, e).name for k in self.kernels for e in (expansions or self.expansions))
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,19 @@ class SearchSpace:
             raise SearchSpaceError("a search space needs at least one searched stage")
 
     @classmethod
-    def preset(cls, name: str) -> SearchSpace:
-        """The paper's spaces: ``detection`` (L_max 4,4,4,4,4,1) and ``segmentation`` (4,4,6,6,4,1)."""
+    def preset(cls, name: str, seed: Arch | None = None) -> SearchSpace:
+        """The paper's spaces: ``detection`` (L_max 4,4,4,4,4,1) and ``segmentation`` (4,4,6,6,4,1).
+
+        For a ``seed`` whose number of searched stages is not the paper's six (MobileNetV3: five), both
+        give every searched stage max(4, its seed depth) layers, a one-layer stage staying at one — the
+        rule that turns MobileNetV2's depths into the detection space (ours; the paper has none).
+        """
         if name not in PRESETS:
             raise SearchSpaceError(f"unknown search space {name!r}: expected one of {', '.join(PRESETS)}")
-        return cls(tuple(StageSpace(d) for d in PRESETS[name]), name)
+        depths = PRESETS[name]
+        if seed is not None and len(seed.stages) - 1 != len(depths):
+            depths = tuple(1 if s.depth == 1 else max(4, s.depth) for s in seed.stages[1:])
+        return cls(tuple(StageSpace(d) for d in depths), name)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
@@ -102,11 +111,11 @@ class SearchSpace:
         return cls(stages, str(d.get("name", "custom")))
 
     @classmethod
-    def get(cls, spec: str | dict[str, Any] | SearchSpace) -> SearchSpace:
-        """A preset by name, a space from its dict, or ``spec`` itself."""
+    def get(cls, spec: str | dict[str, Any] | SearchSpace, seed: Arch | None = None) -> SearchSpace:
+        """A preset by name (for ``seed``, see :meth:`preset`), a space from its dict, or ``spec`` itself."""
         if isinstance(spec, SearchSpace):
             return spec
-        return cls.preset(spec) if isinstance(spec, str) else cls.from_dict(spec)
+        return cls.preset(spec, seed) if isinstance(spec, str) else cls.from_dict(spec)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "stages": [{**asdict(s), "kernels": list(s.kernels),
@@ -119,7 +128,8 @@ class SearchSpace:
         """Candidate op names per searched stage and layer for ``seed``'s stages and ``taps``.
 
         First layers have no skip. A layer whose expand output is tapped (``expand{i}``, SSDLite) only
-        gets the stage's largest expansion, so the tap has one width whatever the choice.
+        gets the stage's largest expansion, so the tap has one width whatever the choice. Every candidate
+        has the squeeze-excitation and activation of the seed layer it is remapped from (the depth rule).
         """
         if len(seed.stages) - 1 != len(self.stages):
             raise SearchSpaceError(f"search space {self.name!r} has {len(self.stages)} searched stages, seed "
@@ -131,15 +141,17 @@ class SearchSpace:
         out = []
         for i, space in enumerate(self.stages, start=1):
             layers = []
+            seed_ops = [parse_op(o) for o in seed.stages[i].ops if o != SKIP]
             for j in range(space.max_depth):
+                like = seed_ops[depth_source(j, len(seed_ops))] if seed_ops else Op(1, 1)
                 if j == 0 and i in tapped:
                     widest = max(space.expansions)
                     if widest == 1:
                         raise SearchSpaceError(f"tap 'expand{i}' needs an expand conv, but stage {i} only "
                                                "allows expansion 1")
-                    layers.append(space.ops([widest]))
+                    layers.append(space.ops([widest], like))
                 else:
-                    layers.append(space.ops() + ((SKIP,) if j > 0 and space.allow_skip else ()))
+                    layers.append(space.ops(like=like) + ((SKIP,) if j > 0 and space.allow_skip else ()))
             out.append(layers)
         return out
 
@@ -150,23 +162,21 @@ PRESETS: dict[str, tuple[int, ...]] = {"detection": (4, 4, 4, 4, 4, 1), "segment
 class MixedLayer(nn.Module):
     """One searched layer: MBConv candidates (BN without affine/running stats) and optionally ``skip``.
 
-    ``candidates`` lists op names; ``skip`` (if present) is last and is not a module. ``recompute``:
+    ``info.ops`` lists the candidates' op names, built as in ``arch`` (its activation, BN eps and SE rule);
+    ``skip`` (if present) is last and is not a module. ``recompute``:
     the weighted forward (architecture steps) recomputes the candidates in the backward pass instead
     of keeping their activations — about 1.3× the time for a fraction of the memory.
     """
 
     recompute = True
 
-    def __init__(self, c_in: int, c_out: int, candidates: Sequence[str], stride: int, dilation: int,
-                 activation: str, bn_eps: float) -> None:
+    def __init__(self, info: LayerInfo, arch: Arch) -> None:
         super().__init__()
-        self.candidates = tuple(candidates)
+        self.candidates = tuple(info.ops)
         self.has_skip = SKIP in self.candidates
-        if self.has_skip and (self.candidates[-1] != SKIP or c_in != c_out or stride != 1):
+        if self.has_skip and (self.candidates[-1] != SKIP or info.c_in != info.c_out or info.stride != 1):
             raise SearchSpaceError("skip must be the last candidate and only where the layer keeps its shape")
-        self.ops = nn.ModuleList(MBConv(c_in, c_out, parse_op(name), stride, dilation, activation,
-                                        bn_affine=False, bn_eps=bn_eps)
-                                 for name in self.candidates if name != SKIP)
+        self.ops = nn.ModuleList(mbconv(info, name, arch, bn_affine=False) for name in self.candidates if name != SKIP)
 
     def forward(self, x: torch.Tensor, choice: int | None, weights: torch.Tensor | None,
                 want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,11 +209,11 @@ class MixedLayer(nn.Module):
         return out, (hidden if want_hidden else None)
 
 
-def mixed_layer(info: LayerInfo, activation: str, bn_eps: float) -> nn.Module:
+def mixed_layer(info: LayerInfo, arch: Arch) -> nn.Module:
     """The layer factory of :class:`SuperBackbone`: the fixed first block plain, every searched layer mixed."""
     if info.position[0] == 0:  # type: ignore[index]
-        return plain_layer(info, activation, bn_eps)
-    return MixedLayer(info.c_in, info.c_out, info.ops, info.stride, info.dilation, activation, bn_eps)
+        return plain_layer(info, arch)
+    return MixedLayer(info, arch)
 
 
 def alpha_logits(alpha: Mapping[str, Any]) -> list[list[torch.Tensor]]:

