@@ -204,3 +204,21 @@ def test_train_under_torchrun_with_two_processes(demo_root, tmp_path, mbv2_seed)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["phases"]["finetune"]["done"]
     _assert_metric_recomputes(summary, tmp_path / "run", demo_root, "folder")
+
+
+@pytest.mark.parametrize("task,fmt", [("seg", "folder"), ("ssdlite", "coco")])
+def test_data_augment_false_trains_on_the_plain_training_pipeline(task, fmt, demo_root):
+    from fna.pipeline import open_datasets
+
+    def first_item_twice(augment: bool):
+        cfg = load_config(None, ["size=[64,64]", f"data.augment={str(augment).lower()}"], task=task,
+                          data={"root": str(demo_root), "format": fmt})
+        train, _ = open_datasets(cfg)
+        torch.manual_seed(0)
+        a = train[0][0]
+        return a, train[0][0]
+
+    augmented = first_item_twice(True)
+    assert not torch.equal(*augmented)  # random augmentation: another image each time
+    plain = first_item_twice(False)
+    assert torch.equal(*plain) and plain[0].shape[-2:] == (64, 64)

@@ -51,6 +51,7 @@ class DataConfig(BaseModel):
     train_split: str = "train"
     val_split: str = "val"
     skip_bad: bool = False
+    augment: bool = True  # the task's training augmentation; false: the training pipeline without it
 
 
 class RunConfig(BaseModel):
@@ -156,15 +157,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 PHASES = ("search", "remap", "finetune", "eval")
 # The settings each phase's result depends on ("search.*": every search setting).
 PHASE_SETTINGS = {
-    "search": ("task", "data.root", "data.format", "data.train_split", "seed", "seed_weights", "arch", "size",
+    "search": ("task", "data.root", "data.format", "data.train_split", "data.augment", "seed", "seed_weights", "arch", "size",
                "scale", "search.*", "random_seed"),
     "remap": ("task", "seed", "seed_weights", "arch", "init", "random_seed"),
-    "finetune": ("task", "data.root", "data.format", "data.train_split", "seed", "seed_weights", "arch", "init",
+    "finetune": ("task", "data.root", "data.format", "data.train_split", "data.augment", "seed", "seed_weights", "arch", "init",
                  "size", "scale", "finetune.*", "random_seed"),
     "eval": ("task", "data.root", "data.format", "data.val_split", "eval.*"),
 }
 # How a run executes, not what it computes: may change at any resume.
-ANYTIME = ("device", "data.skip_bad", "search.device", "search.progress", "search.tensorboard", "search.num_workers",
+ANYTIME = ("device", "data.skip_bad", "search.device", "search.arch_recompute", "search.progress", "search.tensorboard", "search.num_workers",
            "search.checkpoint_every", "finetune.device", "finetune.checkpoint_every", "finetune.log_every",
            "finetune.num_workers", "eval.batch_size")
 # May change in the phase a resume continues: the learning rates (e.g. lower after a divergence).
@@ -320,6 +321,8 @@ def open_datasets(cfg: RunConfig) -> tuple[Any, Any]:
     d = cfg.data
     val = eval_dataset(cfg.task, d.root, d.format, d.val_split, d.skip_bad)
     train = cfg.spec.open_dataset(d.root, d.format, d.train_split, cfg.input_size, cfg.scale, d.skip_bad)
+    if not d.augment:
+        train = cfg.spec.without_augmentation(train, cfg.input_size, cfg.scale)
     return train.verify(), val
 
 
