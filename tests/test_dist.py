@@ -1,24 +1,8 @@
 """BatchNorm over processes: two gloo processes on halves of a batch compute what one does on all of it."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 from bn_worker import batch, bn_net, step
-
-TESTS = Path(__file__).parent
-
-
-def torchrun(script: str, *args: str) -> None:
-    """Run ``script`` (in tests/) under ``torchrun --nproc_per_node=2`` on CPU; fail with its stderr."""
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "FNA_NUM_WORKERS": "0"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
-           str(TESTS / script), *args]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+from launch import torchrun
 
 
 def test_two_processes_batch_norm_the_whole_batch_as_one_process_does(tmp_path):

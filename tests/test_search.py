@@ -1,22 +1,18 @@
 """The search loop: steps and their gradients, outputs, resume, budget, NaN stop, two-process torchrun."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun
 from search_helpers import SegData, seg_collate, tiny_seed, tiny_space, two_process_config
-from test_dist import torchrun
 
 from fna.arch import load_arch
 from fna.cost import CostTable
 from fna.search import Search, SearchConfig, SearchError, memory, search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TESTS = Path(__file__).parent
 
 
 def _config(**overrides) -> SearchConfig:
