@@ -278,3 +278,19 @@ def test_the_batch_probe_finds_the_largest_batch_under_a_memory_limit(tmp_path):
     assert at[5] > at[4]  # the architecture step's memory grows with the batch
     assert memory.largest_batch(s, (at[4] + at[5]) // 2, most=16) == 4
     assert memory.largest_batch(s, memory.step_peaks(s, 2, ("arch",))["arch"] - 1, most=16) == 0
+
+
+def test_bf16_and_channels_last_are_cuda_only_and_change_nothing_on_cpu(tmp_path):
+    from fna.training import channels_last
+
+    cfg = _config()
+    assert (cfg.amp, cfg.channels_last) == (True, True)
+    assert channels_last(torch.device("cuda", 0), cfg) and not channels_last(torch.device("cpu"), cfg)
+    batch = seg_collate([SegData(4)[i] for i in range(2)])
+    losses = []
+    for fast in (True, False):
+        s = _search(tmp_path / str(fast), amp=fast, channels_last=fast)
+        losses.append((s.arch_step(batch), s.weight_step(batch), [a.detach().clone() for a in s.arch_params]))
+    (arch_a, weight_a, alpha_a), (arch_b, weight_b, alpha_b) = losses
+    assert arch_a == arch_b and weight_a == weight_b
+    assert all(torch.equal(a, b) for a, b in zip(alpha_a, alpha_b))
