@@ -20,10 +20,10 @@ import tempfile
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from fna.seeds import random_mobilenet_v2
-from fna.search import SearchConfig, Search
+from fna.search import Search, SearchConfig
+from fna.search.memory import peak_bytes
 from fna.supernet import MixedLayer
 from fna.tasks import build_model, get_task
 from fna.training import to_device
@@ -47,27 +47,6 @@ def _timed(steps: list, repeats: int) -> list[float]:
             if r:  # the first round warms up
                 times[i].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
-
-
-def _peak(step, device: torch.device) -> int:
-    """Peak bytes allocated during one step above what was live before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    # Each operator's own allocations minus frees (its children's are their own events: counting
-    # ``cpu_memory_usage``, which includes them, would count nested calls several times).
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def main() -> None:
@@ -116,9 +95,9 @@ def main() -> None:
 
         t_super, t_derived, t_weight, t_arch, t_arch_keep = _timed(
             [weight_step, derived_step, lambda: s.weight_step(batch), arch_step(True), arch_step(False)], args.repeats)
-        m_weight = _peak(lambda: s.weight_step(batch), s.dist.device)
-        m_arch = _peak(arch_step(True), s.dist.device)
-        m_arch_keep = _peak(arch_step(False), s.dist.device)
+        m_weight = peak_bytes(lambda: s.weight_step(batch), s.dist.device)
+        m_arch = peak_bytes(arch_step(True), s.dist.device)
+        m_arch_keep = peak_bytes(arch_step(False), s.dist.device)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}")
     print(f"task {args.task}, input {args.batch}x3x{size[0]}x{size[1]}, path {' | '.join(' '.join(st.ops) for st in s.backbone.path_arch(path).stages[1:])}")

@@ -10,11 +10,19 @@ from torch.utils.data import Dataset
 
 from fna.arch import Arch, Stage
 from fna.backbone import Backbone, Classifier
+from fna.search import SearchConfig
 from fna.seeds import Seed
 from fna.supernet import SearchSpace, StageSpace
 
 SIZE = 64
 
+
+def two_process_config(**overrides: object) -> SearchConfig:
+    """The tiny segmentation search that tests run in one process and under ``torchrun`` (total batch 4)."""
+    return SearchConfig.for_task("seg", **{
+        "space": tiny_space().to_dict(), "num_classes": 3, "cost_size": (64, 64), "epochs": 2, "arch_start_epoch": 1,
+        "batch_size": 4, "lr": 0.01, "warmup_iters": 0, "progress": False, "tensorboard": False, "device": "cpu",
+        "debug_rank_files": True, **overrides})
 
 
 def tiny_seed_arch() -> Arch:

@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 from fna.errors import FnaError
 from fna.tasks import build_model, get_task
 from fna.train import TrainConfig, fit
-from fna.training import LossGuard, ResumableSampler, batches, make_scheduler
+from fna.training import LossGuard, ResumableSampler, batches, make_scheduler, num_workers
 
 
 class RandomSegmentation(Dataset):
@@ -174,3 +174,41 @@ def test_one_image_per_process_where_batchnorm_needs_two_is_a_clear_error(tiny_a
     with pytest.raises(FnaError, match="batch_size 1 gives 1 image.* BatchNorm needs at least 2"):
         fit(build_model("seg", tiny_arch, 2), get_task("seg"), RandomSegmentation(), collate,
             _config(batch_size=1), tmp_path)
+
+
+def _augmented_batches(root, workers: int) -> list[torch.Tensor]:
+    """Four batches of randomly scaled, cropped and flipped demo images, the global RNG drawn between
+    batches as a training step's dropout would."""
+    from fna.data import open_segmentation, seg_collate, seg_train_transforms
+
+    data = open_segmentation(root, "folder", "train", seg_train_transforms(crop=(32, 32)))
+    torch.manual_seed(5)
+    stream = batches(data, seg_collate, 2, seed=0, num_workers=workers)
+    out = []
+    for _ in range(4):
+        images, masks = next(stream)
+        out += [images, masks.float(), torch.rand(3)]
+    return out
+
+
+def test_batches_and_their_augmentation_do_not_depend_on_the_number_of_workers(tmp_path):
+    from fna.data.demo import write_demo
+
+    write_demo(tmp_path, n_train=6, n_val=1, size=48, seed=0)
+    alone, with_workers = _augmented_batches(tmp_path, 0), _augmented_batches(tmp_path, 2)
+    assert all(torch.equal(a, b) for a, b in zip(alone, with_workers, strict=True))
+    assert not torch.equal(alone[0], alone[3])  # real, changing batches
+
+
+def test_auto_workers_follow_the_cpus_shared_by_processes_and_loaders(monkeypatch):
+    monkeypatch.delenv("FNA_NUM_WORKERS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert num_workers("auto") == 7 and num_workers("auto", loaders=2) == 3 and num_workers(5) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert num_workers("auto") == 8  # capped
+    monkeypatch.setenv("FNA_NUM_WORKERS", "0")
+    assert num_workers("auto") == 0
+    monkeypatch.setenv("FNA_NUM_WORKERS", "two")
+    with pytest.raises(FnaError, match="FNA_NUM_WORKERS"):
+        num_workers("auto")

@@ -350,6 +350,10 @@ def search_cmd(
                                                        "of the seed's cost, e.g. 0.5x,0.75x,1x.")] = None,
     val_split: Annotated[str, typer.Option(help="Held-out split that scores the Pareto set.")] = "val",
     skip_bad: SkipBadOpt = False, resume: ResumeOpt = False,
+    probe_batch: Annotated[bool, typer.Option(help="Do not search: print the largest total batch whose "
+                                                   "architecture step fits the memory limit.")] = False,
+    memory_limit_gib: Annotated[Optional[float], typer.Option(help="The probe's limit per process (default on "
+                                                                   "CUDA: the GPU's free memory).")] = None,
 ) -> None:
     """Architecture adaptation only: search the super network on --data and write the derived arch to --out."""
     from omegaconf import OmegaConf
@@ -383,6 +387,9 @@ def search_cmd(
                   f"{escape(str(out))}", highlight=False)
     h, w = cfg.cost_size or get_task(task).paper_size
     console.print(f"costs and budget counted at {h}×{w} ({counted})", markup=False, highlight=False)
+    if probe_batch:
+        _probe_batch(cfg, dataset, collate, memory_limit_gib)
+        return
     if pareto:
         _pareto(cfg, pareto.split(","), dataset, run.spec.without_augmentation(dataset, run.input_size, run.scale),
                 collate, data, fmt, val_split, skip_bad, out, resume)
@@ -393,6 +400,21 @@ def search_cmd(
     console.print(f"{result.cost['madds']:,} MAdds, {result.cost['params']:,} params at "
                   f"{result.cost['size'][0]}×{result.cost['size'][1]}; wrote {out / 'arch.json'}", markup=False,
                   highlight=False)
+
+
+def _probe_batch(cfg: SearchConfig, dataset: Dataset, collate: Callable, limit_gib: float | None) -> None:
+    """Print the largest total batch whose architecture step fits ``limit_gib`` per process."""
+    import tempfile
+
+    from fna.search import Search, memory
+
+    with tempfile.TemporaryDirectory() as tmp:  # the probe writes nothing a search would keep
+        s = Search(cfg, dataset, collate, tmp)
+        limit = memory.memory_limit(s, limit_gib)
+        total = memory.largest_batch(s, limit)
+    console.print(f"largest total batch whose architecture step fits {limit / memory.GIB:.2f} GiB per process "
+                  f"({s.dist.world} process(es)): {total}" + ("" if total else " (not even 2 per process fits)"),
+                  markup=False, highlight=False)
 
 
 def _data_cost_size(run: RunConfig, data: Path, fmt: str, splits: tuple[str, str],

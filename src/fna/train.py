@@ -23,24 +23,22 @@ from torch.utils.tensorboard import SummaryWriter
 from fna.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
 from fna.dist import Processes
 from fna.errors import FnaError
-from fna.training import (LossGuard, OptimConfig, batches, clip_grads, make_optimizer, make_scheduler, non_finite,
-                          scheduler_at, to_device)
+from fna.training import (CudaSpeedConfig, LossGuard, NumWorkers, OptimConfig, autocast, batches, channels_last,
+                          clip_grads, make_optimizer, make_scheduler, non_finite, num_workers, scheduler_at, to_device)
 
 if TYPE_CHECKING:
     from fna.tasks import Task
 
 
-class TrainConfig(OptimConfig):
-    """Fine-tuning recipe: :class:`~fna.training.OptimConfig` plus length, batch and execution.
-    ``Task.recipe`` gives SPEC §5's numbers per task."""
+class TrainConfig(OptimConfig, CudaSpeedConfig):
+    """Fine-tuning recipe: :class:`~fna.training.OptimConfig` plus length, batch and execution
+    (:class:`~fna.training.CudaSpeedConfig`). ``Task.recipe`` gives SPEC §5's numbers per task."""
 
     iters: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # total over all processes
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
     checkpoint_every: int = Field(500, ge=0)  # iterations; 0: only at the end
     log_every: int = Field(10, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: NumWorkers = "auto"  # see fna.training.num_workers
     seed: int = 0
     device: str = "auto"
 
@@ -65,12 +63,11 @@ def fit(model: nn.Module, task: Task, dataset: Dataset, collate: Callable, cfg: 
         raise FnaError(f"finetune.batch_size {cfg.batch_size} is the total over the {world} processes: it must "
                        "split into equal shares")
     seed_everything(cfg.seed + rank)
-    cuda = device.type == "cuda"
+    cuda, last = device.type == "cuda", channels_last(device, cfg)
     model.to(device)
-    if cuda and cfg.channels_last:
+    if last:
         model.to(memory_format=torch.channels_last)
-    if world > 1 and cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = procs.sync_batch_norm(model)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
@@ -106,11 +103,12 @@ def fit(model: nn.Module, task: Task, dataset: Dataset, collate: Callable, cfg: 
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if procs.main else None
     net.train()
-    data = batches(dataset, collate, cfg.batch_size // world, cfg.seed, start, cfg.num_workers, rank=rank, world=world)
+    data = batches(dataset, collate, cfg.batch_size // world, cfg.seed, start, num_workers(cfg.num_workers), rank=rank,
+                   world=world, pin_memory=cuda)
     t0, loss_value = time.perf_counter(), float("nan")
     for it in range(start, cfg.iters):
-        batch = to_device(next(data), device, cuda and cfg.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+        batch = to_device(next(data), device, last)
+        with autocast(device, cfg):
             try:
                 loss = task.loss(net, batch)
             except ValueError as e:

@@ -17,20 +17,24 @@ all processes everywhere.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.optim.lr_scheduler import (ChainedScheduler, ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler,
                                       MultiStepLR, PolynomialLR)
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from fna.data.base import split_transforms
 from fna.errors import FnaError
 
 DIVERGENCE_FACTOR = 100.0
+MAX_AUTO_WORKERS = 8
+NumWorkers = Annotated[int, Field(ge=0)] | Literal["auto"]  # see num_workers()
 
 
 class OptimConfig(BaseModel):
@@ -58,6 +62,25 @@ class OptimConfig(BaseModel):
         if any(not 0 < m <= 1 for m in v):
             raise ValueError(f"milestones are fractions of the iterations in (0, 1], got {v}")
         return v
+
+
+class CudaSpeedConfig(BaseModel):
+    """How a loop runs on CUDA (both are off elsewhere): bf16 autocast and channels-last tensors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+
+
+def autocast(device: torch.device, cfg: CudaSpeedConfig) -> torch.autocast:
+    """bf16 autocast on CUDA when ``cfg.amp``; a no-op context elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.amp)
+
+
+def channels_last(device: torch.device, cfg: CudaSpeedConfig) -> bool:
+    """Whether model and batches go channels-last: on CUDA when ``cfg.channels_last``."""
+    return device.type == "cuda" and cfg.channels_last
 
 
 def make_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -184,25 +207,53 @@ class ResumableSampler(Sampler[int]):
 
 
 def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: int, start: int = 0,
-            num_workers: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> Iterator[Any]:
+            num_workers: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+            pin_memory: bool = False) -> Iterator[Any]:
     """Endless batches of ``batch_size`` per process over epochs, from global batch number ``start``.
 
     Epoch ``e`` visits the samples in the order ``seed + e`` gives; incomplete last batches are
     dropped, so every step sees ``batch_size`` samples (BatchNorm needs more than one).
+    ``num_workers`` processes load the items (kept across epochs); the random transforms of a
+    dataset :func:`~fna.data.base.split_transforms` splits run here, when a batch is taken, so the
+    batches (augmentation included) are the same for every ``num_workers``. ``pin_memory``: batches
+    come in page-locked memory (for asynchronous copies to a GPU).
     """
     sampler = ResumableSampler(len(dataset), seed, rank, world, shuffle)
     per_epoch = len(sampler.indices(0)) // batch_size
     if per_epoch == 0:
         raise FnaError(f"dataset has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
+    loadable, transforms = split_transforms(dataset)
+    # An own generator: the loader must not draw from the global RNG (exact resume).
+    loader = DataLoader(loadable, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
+                        collate_fn=list if transforms is not None else collate, persistent_workers=num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
     epoch, within = divmod(start, per_epoch)
     while True:
         sampler.epoch, sampler.skip = epoch, within * batch_size
-        # An own generator: creating the loader must not draw from the global RNG (exact resume).
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=num_workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(seed + epoch))
-        yield from loader
+        for batch in loader:
+            if transforms is not None:
+                items = [transforms(*item) for item in batch]
+                batch = collate(items) if collate is not None else default_collate(items)
+            yield map_tensors(batch, torch.Tensor.pin_memory) if pin_memory else batch
         epoch, within = epoch + 1, 0
+
+
+def num_workers(setting: int | Literal["auto"], loaders: int = 1) -> int:
+    """DataLoader worker processes per loader for a ``num_workers`` setting.
+
+    ``auto``: ``$FNA_NUM_WORKERS`` when set; else the CPUs this process may use, shared by the
+    processes ``torchrun`` starts on this machine and their ``loaders`` loaders each, one CPU of every
+    share kept for the loop itself, at most 8.
+    """
+    if setting != "auto":
+        return int(setting)
+    env = os.environ.get("FNA_NUM_WORKERS")
+    if env is not None:
+        if not env.isdigit():
+            raise FnaError(f"FNA_NUM_WORKERS={env!r}: expected a whole number >= 0")
+        return int(env)
+    share = len(os.sched_getaffinity(0)) // (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * loaders)
+    return max(0, min(MAX_AUTO_WORKERS, share - 1))
 
 
 def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
@@ -210,13 +261,20 @@ def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
     return (n - n % world) // world // batch_size
 
 
-def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Move tensors (inside tuples, lists and dicts) to ``device``."""
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor inside its tuples, lists and dicts."""
     if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        return batch.contiguous(memory_format=torch.channels_last) if channels_last and batch.dim() == 4 else batch
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device, channels_last) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move tensors (inside tuples, lists and dicts) to ``device``; 4-d ones channels-last if asked."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+    return map_tensors(batch, move)

@@ -9,17 +9,17 @@ from pydantic import Field, PositiveInt, ValidationError, field_validator, model
 
 from fna.errors import FnaError
 from fna.tasks import TASKS
-from fna.training import OptimConfig
+from fna.training import CudaSpeedConfig, NumWorkers, OptimConfig
 
 
 class SearchError(FnaError):
     """A search cannot start or continue (bad config, impossible budget, non-finite loss)."""
 
 
-class SearchConfig(OptimConfig):
+class SearchConfig(OptimConfig, CudaSpeedConfig):
     """Every number of a search: the weights' optimiser and schedule (:class:`~fna.training.OptimConfig`,
-    over all ``epochs``), the architecture step, the budget, the data split. :meth:`for_task` fills the
-    task's defaults (SPEC §4)."""
+    over all ``epochs``), the architecture step, the budget, the data split, bf16 and channels-last on
+    CUDA (:class:`~fna.training.CudaSpeedConfig`). :meth:`for_task` fills the task's defaults (SPEC §4)."""
 
     task: str  # a registered task with search defaults (fna.tasks)
     seed: str = "mobilenet_v2"
@@ -34,7 +34,7 @@ class SearchConfig(OptimConfig):
     seed_path_epochs: int = Field(0, ge=0)  # first epochs of the warm-up train the seed's own path only
     weight_steps_per_arch_step: int = Field(ge=1)
     batch_size: int = Field(ge=1)  # total over all processes
-    num_workers: int = Field(0, ge=0)
+    num_workers: NumWorkers = "auto"  # per half's loader; see fna.training.num_workers
     warmup_factor: float = Field(1 / 3, gt=0, le=1)
     # architecture
     arch_lr: float = Field(3e-4, gt=0)

@@ -15,11 +15,12 @@ with a hard budget λ is steered by the whole network's expected cost (:mod:`fna
 number of processes.
 
 Under ``torchrun`` every process holds the whole super network and every rank samples the same paths
-(same generator). Gradients are averaged with one flat all-reduce per step (:meth:`Processes.
-average_grads`) rather than DDP: a single-path step uses another subgraph every time, which DDP could
-only follow with ``find_unused_parameters`` (a graph walk per step), and DDP would hand unsampled
-candidates zero gradients, while SPEC §4 requires them to stay ``None`` so weight decay and momentum
-do not drift them. Only rank 0 writes.
+(same generator); every BatchNorm normalises by the statistics of the whole batch over all
+processes (:meth:`Processes.sync_batch_norm`), as a single process does. Gradients are averaged
+with one flat all-reduce per step (:meth:`Processes.average_grads`) rather than DDP: a single-path
+step uses another subgraph every time, which DDP could only follow with ``find_unused_parameters``
+(a graph walk per step), and DDP would hand unsampled candidates zero gradients, while SPEC §4
+requires them to stay ``None`` so weight decay and momentum do not drift them. Only rank 0 writes.
 
 Segmentation defaults (not published, SPEC §2): the optimiser and poly schedule of DeepLabv3
 fine-tuning (SPEC §5); warm-up for the first half of the epochs as in both published schedules
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
@@ -54,7 +56,7 @@ from fna.data.split import split_by_image
 from fna.dist import Processes
 from fna.progress import Progress
 from fna.rundir import SearchDir
-from fna.search import outputs, state
+from fna.search import memory, outputs, state
 from fna.search.budget import Budget, load_cost_table
 from fna.search.config import SearchConfig, SearchError
 from fna.search.diagnostics import ArchGradients, layer_gradients, supernet_state
@@ -62,8 +64,8 @@ from fna.search.outputs import SearchResult
 from fna.seeds import Seed, load_seed
 from fna.supernet import MixedLayer, SearchSpace, SearchSpaceError, SuperBackbone
 from fna.tasks import get_task
-from fna.training import (LossGuard, batches, batches_per_epoch, clip_grads, make_optimizer, make_scheduler,
-                          to_device)
+from fna.training import (LossGuard, autocast, batches, batches_per_epoch, channels_last, clip_grads, make_optimizer,
+                          make_scheduler, num_workers, to_device)
 
 
 class Search:
@@ -101,8 +103,11 @@ class Search:
         self.path_gen = torch.Generator().manual_seed(config.random_seed + 1)
         self.backbone = SuperBackbone.from_seed(self.seed, self.space, self.spec.taps(self.seed.arch),
                                                 self.spec.output_stride, config.temperature)
-        self.model = self.spec.head(self.backbone, config.num_classes or self.spec.num_classes,
-                                    **config.model_kwargs).to(self.dist.device)
+        # BN statistics over every process's share: the search must not change with the number of processes
+        model = self.spec.head(self.backbone, config.num_classes or self.spec.num_classes, **config.model_kwargs)
+        self.channels_last = channels_last(self.dist.device, config)
+        model.to(self.dist.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.model = self.dist.sync_batch_norm(model)
         self.arch_params = self.backbone.arch_parameters()
         for layer in self.backbone.modules():
             if isinstance(layer, MixedLayer):
@@ -171,7 +176,7 @@ class Search:
         if self.epoch < self.cfg.seed_path_epochs:  # sampled all the same: the path RNG's order stays put
             path = self.seed_path
         self.backbone.set_path(path)
-        loss = self.spec.loss(self.model, self.to_device(batch))
+        loss = self.task_loss(batch)
         self._check_loss(loss, "weight")
         self.opt_w.zero_grad(set_to_none=True)
         self.opt_a.zero_grad(set_to_none=True)
@@ -190,7 +195,7 @@ class Search:
         for p in self.weight_params:
             p.requires_grad_(False)
         try:
-            task_loss = self.spec.loss(self.model, self.to_device(batch))
+            task_loss = self.task_loss(batch)
             cost = self.searched_cost()
             cost_term = self.lam * torch.log(cost) / math.log(self.cfg.log_base)
             loss = task_loss + cost_term
@@ -214,6 +219,11 @@ class Search:
                                  "derived_cost": self.table.path_cost(self.backbone.argmax_path())})
         return float(task_loss.detach()), float(cost.detach())
 
+    def task_loss(self, batch: Any) -> torch.Tensor:
+        """The task loss of the super network in its current mode on ``batch`` (bf16 autocast on CUDA)."""
+        with autocast(self.dist.device, self.cfg):
+            return self.spec.loss(self.model, self.to_device(batch))
+
     def searched_cost(self) -> torch.Tensor:
         """``C``: the searched layers' expected cost under softmax(α) in the loss unit (GMAdds or ms)."""
         return self.table.expected(self.backbone.layer_probs())
@@ -230,34 +240,51 @@ class Search:
         unless that is the end: a Pareto search branches the architecture phase from there.
         """
         stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
+        self.report_memory()
         writer = SummaryWriter(str(self.files.tensorboard)) if self.cfg.tensorboard and self.dist.main else None
         try:
             with Progress("search", self.cfg.epochs * self.iters_per_epoch, self.global_step,
                           enabled=self.cfg.progress and self.dist.main) as progress:
+                # one stream of batches per half for the whole run (its loader's workers live as long)
+                streams = {"weight": self.batches_of(self.weight_set, self.epoch * self.iters_per_epoch + self.step)}
                 while self.epoch < stop:
-                    self._run_epoch(writer, progress)
+                    self._run_epoch(writer, progress, streams)
             return outputs.finish(self) if self.epoch == self.cfg.epochs else None
         finally:
             if writer is not None:
                 writer.close()
             self.dist.close()
 
+    def report_memory(self) -> None:
+        """Measure the two steps' peak memory at this search's batch (every rank: BN statistics are
+        gathered) and print it on rank 0; a step that does not fit stops the search before it starts."""
+        try:
+            peaks = memory.step_peaks(self, self.per_rank)
+        except torch.OutOfMemoryError:
+            raise SearchError(f"a search step at batch_size {self.cfg.batch_size} ({self.per_rank} per process) "
+                              "does not fit in the device's memory: lower batch_size (`fna search --probe-batch` "
+                              "finds the largest that fits)") from None
+        if self.dist.main:
+            Console().print(memory.describe(self, peaks), markup=False, highlight=False)
+
     def to_device(self, batch: Any) -> Any:
-        return to_device(batch, self.dist.device)
+        return to_device(batch, self.dist.device, self.channels_last)
 
     def batches_of(self, subset: Subset, start: int) -> Any:
         """Endless batches of ``subset`` for this rank from global batch ``start`` (the search's order)."""
-        return batches(subset, self.collate_fn, self.per_rank, self.cfg.random_seed, start, self.cfg.num_workers,
-                       rank=self.dist.rank, world=self.dist.world)
+        return batches(subset, self.collate_fn, self.per_rank, self.cfg.random_seed, start,
+                       num_workers(self.cfg.num_workers, loaders=2), rank=self.dist.rank, world=self.dist.world,
+                       pin_memory=self.dist.device.type == "cuda")
 
-    def _run_epoch(self, writer: SummaryWriter | None, progress: Progress) -> None:
+    def _run_epoch(self, writer: SummaryWriter | None, progress: Progress, streams: dict[str, Any]) -> None:
         cfg = self.cfg
         searching = self.epoch >= cfg.arch_start_epoch
         w_losses, a_losses = self.epoch_losses["weight"], self.epoch_losses["arch"]
         if searching and self.supernet_at_arch_start is None:
             self.supernet_at_arch_start = supernet_state(self)
-        weight_batches = self.batches_of(self.weight_set, self.epoch * self.iters_per_epoch + self.step)
-        arch_batches = self.batches_of(self.arch_set, self.arch_batches) if searching else None
+        if searching and "arch" not in streams:
+            streams["arch"] = self.batches_of(self.arch_set, self.arch_batches)
+        weight_batches, arch_batches = streams["weight"], streams.get("arch")
         for _ in range(self.step, self.iters_per_epoch):  # _end_epoch moves self.epoch on after the last
             arch_now = searching and self.step % cfg.weight_steps_per_arch_step == 0
             batch = next(weight_batches)  # drawn first: the augmentations take the global RNG in this order

@@ -56,13 +56,13 @@ class DeepLabV3(nn.Module):
 
     cost_parts = {"backbone": "backbone", "neck": "aspp", "head": "classifier"}
 
-    def __init__(self, backbone: nn.Module, num_classes: int, aspp_channels: int = 256,
+    def __init__(self, backbone: nn.Module, num_classes: int, aspp_channels: int = 256, dropout: float = 0.1,
                  align_corners: bool = False) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.align_corners = align_corners
         self.backbone = backbone
-        self.aspp = SeparableASPP(list(backbone.out_channels.values())[-1], aspp_channels)
+        self.aspp = SeparableASPP(list(backbone.out_channels.values())[-1], aspp_channels, dropout=dropout)
         self.classifier = nn.Conv2d(aspp_channels, num_classes, 1)
         init_weights(self.aspp)
         # Small logits at the start (loss ≈ ln C): a kaiming-initialised classifier starts at loss ~7
