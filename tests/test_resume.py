@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fna.data.demo import write_demo
 from fna.errors import FnaError
@@ -198,3 +199,16 @@ def test_progress_is_printed_as_plain_lines_when_stdout_is_not_a_terminal(data, 
     lines = [line for line in out.stdout.splitlines() if line.startswith("fine-tune ") and "it/s" in line]
     assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
     assert re.fullmatch(r"fine-tune 1/4 loss \d+\.\d{4} \d+\.\d\d it/s ETA \d+m?\d*s", lines[0]), lines[0]
+
+
+def test_a_run_written_before_a_setting_existed_resumes_with_that_settings_default(data, tmp_path, mbv2_seed,
+                                                                                    one_thread):
+    cfg = _config(data, arch="mobilenet_v2")
+    _kill(cfg, tmp_path / "run", "fine-tune:3")
+    config = tmp_path / "run" / "config.yaml"
+    written = OmegaConf.to_container(OmegaConf.load(config))
+    del written["data"]["augment"]  # as an earlier fna version wrote it
+    OmegaConf.save(OmegaConf.create(written), config)
+    assert run(_config(data, arch="mobilenet_v2"), tmp_path / "run", resume=True)["phases"]["finetune"]["done"]
+    with pytest.raises(FnaError, match=r"data.augment \(finetune is done\)"):  # a real change still is one
+        run(_config(data, "data.augment=false", arch="mobilenet_v2"), tmp_path / "run", resume=True)

@@ -284,6 +284,10 @@ def open_run_dir(cfg: RunConfig, rd: RunDir, resume: bool, console: Console) -> 
         if not resume:
             raise FnaError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         old = yaml_load(config_path)
+        try:  # settings added since the run was written take their defaults, as the run had them
+            old = RunConfig(**old).model_dump(mode="json")
+        except (ValidationError, TypeError):
+            pass  # compared as written: check_resume names what differs
         changed = check_resume(old, new, phases)
         if changed:
             console.print("resuming with changed settings: " + "; ".join(f"{k}: {a!r} → {b!r}"
