@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fna.arch import BUILTIN_ARCHS
+from fna.errors import FnaError
 
 
 def fna(*args: str) -> subprocess.CompletedProcess:
@@ -142,3 +143,16 @@ def test_search_size_for_retinanet_counts_at_the_resized_data(demo_data, tmp_pat
     result, text = _search("--task", "retinanet", "--data", demo_data, "--format", "coco", "--out", tmp_path / "s",
                            "--size", "32", "200", "--budget-madds", "1", *TINY_SEARCH)
     assert "costs and budget counted at 32×32 (val split" in text  # 64×64 images, short side to 32
+
+
+def test_search_finds_a_corrupt_training_image_before_the_first_step(tmp_path, mbv2_seed):
+    from fna.data.demo import write_demo
+
+    write_demo(tmp_path / "d", n_train=4, n_val=1, size=64, seed=1)
+    bad = sorted((tmp_path / "d" / "images" / "train").glob("*.png"))[2]
+    bad.write_bytes(b"not a png")
+    result, text = _search("--task", "seg", "--data", tmp_path / "d", "--format", "folder", "--out", tmp_path / "s",
+                           "--size", "64", "64", *TINY_SEARCH)
+    assert isinstance(result.exception, FnaError)  # fna's main prints it as one line
+    assert f"{bad}: unreadable image" in str(result.exception)
+    assert not (tmp_path / "s" / "checkpoint.pt").exists()

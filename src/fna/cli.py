@@ -363,7 +363,7 @@ def search_cmd(
     from fna.tasks import get_task
 
     run = load_config(None, [], task=task, data={"root": str(data), "format": fmt}, size=size)
-    dataset = run.spec.open_dataset(data, fmt, split, run.input_size, run.scale, skip_bad)
+    dataset = run.spec.open_dataset(data, fmt, split, run.input_size, run.scale, skip_bad).verify()
     collate = run.spec.collate
     fields = {"seed": seed, "seed_weights": seed_weights, "model_kwargs": run.model_kwargs(),
               "num_classes": len(dataset.class_names),

@@ -186,8 +186,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     :meth:`Processes.sync_batch_norm` turns a model's ``BatchNorm2d`` into it in place."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch_stats = self.training or self.running_mean is None
-        if not batch_stats or world_size() == 1:
+        if not self.training or world_size() == 1:  # as SyncBatchNorm: only training batches are gathered
             return super().forward(x)
         y, mean, var, n = _GlobalBatchStats.apply(x, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:

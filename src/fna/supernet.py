@@ -165,7 +165,7 @@ class MixedLayer(nn.Module):
     ``info.ops`` lists the candidates' op names, built as in ``arch`` (its activation, BN eps and SE rule);
     ``skip`` (if present) is last and is not a module. ``recompute``:
     the weighted forward (architecture steps) recomputes the candidates in the backward pass instead
-    of keeping their activations — about 1.3× the time for a fraction of the memory.
+    of keeping their activations — about 1.6× the step's time for a fraction of its memory.
     """
 
     recompute = True

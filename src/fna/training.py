@@ -252,7 +252,8 @@ def num_workers(setting: int | Literal["auto"], loaders: int = 1) -> int:
         if not env.isdigit():
             raise FnaError(f"FNA_NUM_WORKERS={env!r}: expected a whole number >= 0")
         return int(env)
-    share = len(os.sched_getaffinity(0)) // (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * loaders)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cpus // (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * loaders)
     return max(0, min(MAX_AUTO_WORKERS, share - 1))
 
 

@@ -1,5 +1,6 @@
 """Memory of the search's two steps: the peak printed before a search starts, and the largest batch
-that fits the architecture step (the step with every candidate running: the search's peak).
+whose two steps both fit (the architecture step runs every candidate, but with ``arch_recompute`` it
+keeps less than a weight step on the costliest path, so both are measured).
 
 A measurement runs the step's forward and backward on a batch of the architecture half at the given
 batch per process, with the gradients returned instead of stored; the global RNG, the path and the
@@ -99,10 +100,10 @@ def describe(search: Search, peaks: dict[str, int]) -> str:
 
 
 def fits(search: Search, per_rank: int, limit: int) -> bool:
-    """Whether the architecture step at ``per_rank`` images per process stays within ``limit`` bytes on
-    every process (a CUDA out-of-memory error counts as not fitting)."""
+    """Whether both steps at ``per_rank`` images per process stay within ``limit`` bytes on every process
+    (a CUDA out-of-memory error counts as not fitting)."""
     try:
-        ok = step_peaks(search, per_rank, ("arch",))["arch"] <= limit
+        ok = max(step_peaks(search, per_rank).values()) <= limit
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         ok = False
@@ -110,7 +111,7 @@ def fits(search: Search, per_rank: int, limit: int) -> bool:
 
 
 def largest_batch(search: Search, limit: int, most: int = 4096) -> int:
-    """The largest total batch (a multiple of the number of processes) whose architecture step fits
+    """The largest total batch (a multiple of the number of processes) whose steps fit
     ``limit`` bytes per process: doubling from 2 per process, then bisecting; 0 if 2 does not fit.
 
     BatchNorm needs 2 images per process, so 2 is the smallest batch tried; ``most`` bounds the search.
