@@ -240,9 +240,10 @@ class Search:
         unless that is the end: a Pareto search branches the architecture phase from there.
         """
         stop = self.cfg.epochs if until_epoch is None else min(until_epoch, self.cfg.epochs)
-        self.report_memory()
         writer = SummaryWriter(str(self.files.tensorboard)) if self.cfg.tensorboard and self.dist.main else None
         try:
+            if self.epoch < stop:  # not for a search resumed after its last step
+                self.report_memory()
             with Progress("search", self.cfg.epochs * self.iters_per_epoch, self.global_step,
                           enabled=self.cfg.progress and self.dist.main) as progress:
                 # one stream of batches per half for the whole run (its loader's workers live as long)
