@@ -212,3 +212,21 @@ def test_auto_workers_follow_the_cpus_shared_by_processes_and_loaders(monkeypatc
     monkeypatch.setenv("FNA_NUM_WORKERS", "two")
     with pytest.raises(FnaError, match="FNA_NUM_WORKERS"):
         num_workers("auto")
+
+
+@pytest.mark.parametrize("task,kwargs", [("retinanet", {"min_size": 512, "max_size": 1088}), ("ssdlite", {"size": 320})])
+def test_anchors_stay_float32_under_bf16_autocast(task, kwargs):
+    from torchvision.models.detection.image_list import ImageList
+
+    from fna.arch import BUILTIN_ARCHS
+    from fna.tasks import build_model
+
+    generator = build_model(task, BUILTIN_ARCHS["mobilenet_v2"], 3, **kwargs).anchor_generator
+    h, w = (512, 1088) if task == "retinanet" else (320, 320)
+    images = ImageList(torch.zeros(1, 3, h, w), [(h, w)])
+    strides = (8, 16, 32, 64, 128) if task == "retinanet" else (16, 32, 64, 128, 256, 512)
+    maps = [torch.zeros(1, 8, -(-h // s), -(-w // s)) for s in strides]
+    reference = generator(images, maps)[0]
+    bf16 = generator(images, [m.bfloat16() for m in maps])[0]  # what autocast hands the generator
+    assert reference.dtype == bf16.dtype == torch.float32 and torch.equal(reference, bf16)
+    assert not torch.equal(reference, reference.bfloat16().float())  # in bf16 they would have been rounded

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
@@ -23,6 +23,30 @@ from fna.data import det_collate, det_eval_transforms, open_detection
 from fna.evaluate import AREA_RANGES, EvalConfig, evaluate_detection
 from fna.parity import Parity, compare_detections
 from fna.tasks.base import Task
+
+
+class Float32Anchors:
+    """Mixin for a torchvision anchor generator: anchors in float32 whatever the feature maps' dtype.
+
+    torchvision's generators take the dtype of the feature maps, which under bf16 autocast (training on
+    CUDA) quantises anchor coordinates by up to 4–8 px above 512 / 1024 px, so training would match and
+    encode boxes against other anchors than evaluation (float32) decodes with. The generators read only
+    the maps' shape, dtype and device, so they get stride-0 float32 views of that shape.
+    """
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(f.dtype != torch.float32 for f in feature_maps):
+            feature_maps = [torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape)
+                            for f in feature_maps]
+        return super().forward(image_list, feature_maps)
+
+
+class RetinaNetAnchors(Float32Anchors, AnchorGenerator):
+    """torchvision's ``AnchorGenerator``, in float32 (:class:`Float32Anchors`)."""
+
+
+class SSDAnchors(Float32Anchors, DefaultBoxGenerator):
+    """torchvision's ``DefaultBoxGenerator``, in float32 (:class:`Float32Anchors`)."""
 
 
 class ExplicitAnchorGenerator(AnchorGenerator):
@@ -62,7 +86,7 @@ class ExplicitAnchorGenerator(AnchorGenerator):
 
     def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
         grid_sizes = [f.shape[-2:] for f in feature_maps]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        dtype, device = torch.float32, feature_maps[0].device  # as Float32Anchors, for the same reason
         strides = [[torch.empty((), dtype=torch.int64, device=device).fill_(s)] * 2 for s in self.strides]
         self.set_cell_anchors(dtype, device)
         anchors = torch.cat(self.grid_anchors(grid_sizes, strides))

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
@@ -17,7 +16,7 @@ from fna.data import retinanet_train_transforms
 from fna.data.base import IMAGENET_MEAN, IMAGENET_STD
 from fna.data.transforms import detector_resize_size
 from fna.tasks.base import register_task
-from fna.tasks.detection import DetectionTask, ExplicitAnchorGenerator
+from fna.tasks.detection import DetectionTask, ExplicitAnchorGenerator, RetinaNetAnchors
 from fna.train import TrainConfig
 
 
@@ -58,10 +57,10 @@ class BackboneFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
-def retinanet_anchors() -> AnchorGenerator:
+def retinanet_anchors() -> RetinaNetAnchors:
     """9 anchors per location: 3 scales (2^0, 2^1/3, 2^2/3) × 3 ratios, base sizes 32..512 on P3..P7."""
     sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return RetinaNetAnchors(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 class FNARetinaNet(RetinaNet):

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 from torchvision.models.detection.ssdlite import SSDLiteHead
 
@@ -19,7 +18,7 @@ from fna.data import ssdlite_train_transforms
 from fna.data.base import IMAGENET_MEAN, IMAGENET_STD
 from fna.ops import ConvBNAct
 from fna.tasks.base import register_task
-from fna.tasks.detection import DetectionTask, ExplicitAnchorGenerator
+from fna.tasks.detection import DetectionTask, ExplicitAnchorGenerator, SSDAnchors
 from fna.train import TrainConfig
 
 
@@ -68,7 +67,7 @@ class SSDLite(SSD):
                  head_bn_eps: float = 1e-5, image_mean: Sequence[float] = IMAGENET_MEAN,
                  image_std: Sequence[float] = IMAGENET_STD, **kwargs) -> None:
         features = SSDLiteFeatures(body)
-        anchors = (DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]], min_ratio=0.2, max_ratio=0.95)
+        anchors = (SSDAnchors([[2], [2, 3], [2, 3], [2, 3], [2], [2]], min_ratio=0.2, max_ratio=0.95)
                    if anchors is None else ExplicitAnchorGenerator(anchors))
         # torchvision's head ends each predictor with a 1x1 conv with bias. The paper's counted model
         # (808,218,304 MAdds / 4,322,988 params on MobileNetV2) ends it with a bias-free conv + BN instead:
