@@ -167,6 +167,11 @@ class ResOp:
 AnyOp = Op | ResOp
 
 
+def op_family(op: AnyOp) -> str:
+    """``MBConv``, ``basic`` or ``bottle``: layers of one family can take each other's weights."""
+    return op.kind if isinstance(op, ResOp) else "MBConv"
+
+
 def parse_op(name: str) -> AnyOp | None:
     """Decode ``k{K}_e{E}[_se][_{act}]`` into an :class:`Op`, ``basic|bottle_k{K}_g{G}`` into a
     :class:`ResOp`; ``skip`` gives ``None``."""

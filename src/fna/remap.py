@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fna.arch import SKIP, Arch, Op, ResOp, parse_op
+from fna.arch import SKIP, Arch, op_family, parse_op
 from fna.backbone import Backbone
 from fna.errors import FnaError
 from fna.ops import ConvBNAct, MBConv, ResBlock, SqueezeExcite
@@ -309,11 +309,6 @@ def remap_se(src: SqueezeExcite | None, dst: SqueezeExcite) -> list[TensorReport
 
 def _family(layer: MBConv | ResBlock) -> str:
     return op_family(layer.op)
-
-
-def op_family(op: Op | ResOp) -> str:
-    """``MBConv``, ``basic`` or ``bottle``: layers of one family can take each other's weights."""
-    return op.kind if isinstance(op, ResOp) else "MBConv"
 
 
 def remap_layer(src: MBConv | ResBlock, dst: MBConv | ResBlock) -> LayerReport:
