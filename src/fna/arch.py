@@ -1,4 +1,4 @@
-"""Architecture description of an MBConv network (the seed, the target and the search space).
+"""Architecture description of an MBConv network or a ResNet (the seed, the target and the search space).
 
 An architecture is data: a stem width, a list of stages (the first one being the fixed e1 block),
 and the width of the final 1x1 conv. Each stage lists one op name per layer::

@@ -2,8 +2,9 @@
 
 A latency table measures, for one task at one input size on one device/backend/thread count:
 
-* every candidate op of every searched position (``s{i}.l{j}.{op}``), as a standalone MBConv with its
-  real input shape there (stride and, for segmentation at OS16, dilation as in the super network);
+* every candidate op of every searched position (``s{i}.l{j}.{op}``), as a standalone layer (MBConv or
+  ResNet block) with its real input shape there (stride and, for segmentation at OS16, dilation as in
+  the super network);
 * the fixed parts once: ``stem`` (stem conv + first block), ``final`` (the final 1x1 conv, when the task
   taps it) and ``head`` (the task's neck and head on the backbone's tap maps);
 * ``overhead``: one call of an (almost) empty graph. Every part's median includes this per-call cost of
