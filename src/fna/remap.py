@@ -123,7 +123,8 @@ class TensorReport:
 
     ``actions``: ``copied`` (same shape), ``cropped`` (some dim smaller: first-k or centre crop),
     ``zero-filled`` (conv, some dim larger), ``fresh-filled`` (BN, longer: new entries at the fresh
-    init), ``regrouped`` (conv of other groups: the groups rule), ``fresh`` (nothing in the seed to take). Depth duplication is a property of the layer.
+    init), ``regrouped`` (conv of other groups: the groups rule), ``fresh`` (nothing in the seed to take).
+    Depth duplication is a property of the layer.
     """
 
     name: str
@@ -255,7 +256,8 @@ def remap_conv_bn(src: ConvBNAct | None, dst: ConvBNAct, role: str) -> list[Tens
     else:
         s = tuple(src.conv.weight.shape)
         gs, gd = src.conv.groups, dst.conv.groups
-        if gs == gd == 1 or (gs == src.conv.in_channels and gd == dst.conv.in_channels):  # dense, depthwise
+        depthwise = all(c.groups == c.in_channels == c.out_channels for c in (src.conv, dst.conv))
+        if gs == gd == 1 or depthwise:  # the groups rule is first-k on both
             w.copy_(remap_conv_weight(src.conv.weight, w.shape))
             inherited = math.prod(min(a, b) for a, b in zip(s, w.shape))
             actions = _actions(s, w.shape, "zero-filled")
