@@ -15,7 +15,7 @@ from search_helpers import DetData, SegData, det_collate, seg_collate
 from seed_helpers import calibrated, tiny_adapt
 
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, ResOp, Stage, load_arch, parse_op, save_arch
-from fna.backbone import Classifier, LayerInfo, make_layer
+from fna.backbone import Backbone, Classifier, LayerInfo, make_layer
 from fna.cost import CostTable, count, model_cost
 from fna.ops import ResBlock
 from fna.remap import RemapError, check_compatible, remap_grouped_conv_weight, remap_layer, remap_seed
@@ -243,7 +243,57 @@ def test_task_taps_on_a_resnet_are_c3_c5_c4_c5_and_c5_at_output_stride_16():
     assert feats == {"retinanet": [(128, 8), (256, 16), (512, 32)], "ssdlite": [(256, 16), (512, 32)],
                      "seg": [(512, 16)]}
     dilated = get_task("seg").backbone(arch).stages[3]
-    assert [b.conv1.conv.dilation for b in dilated] == [(2, 2), (2, 2)] and dilated[0].conv1.conv.stride == (1, 1)
+    # the first block's formerly strided conv keeps the dilation before the stage's (torchvision's rule)
+    assert [(b.conv1.conv.dilation, b.conv2.conv.dilation) for b in dilated] == [((1, 1), (2, 2)), ((2, 2), (2, 2))]
+    assert dilated[0].conv1.conv.stride == (1, 1) and dilated[0].downsample.conv.stride == (1, 1)
+
+
+def _backbone(seed, arch: Arch, output_stride: int | None) -> Backbone:
+    net = Backbone(arch, ("final",), output_stride)
+    net.load_state_dict(seed.backbone_state_dict())
+    return net.eval()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to 1e-4 of the larger magnitude (float rounding, not behaviour)."""
+    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-4 * b.abs().max())
+
+
+X96 = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_output_stride_16_computes_c5_at_output_stride_32_on_a_denser_grid(name, request):
+    _, seed = request.getfixturevalue(name)
+    with torch.no_grad():
+        c5 = _backbone(seed, seed.arch, None)(X96)["final"]
+        dense = _backbone(seed, seed.arch, 16)(X96)["final"]
+    assert tuple(dense.shape[-2:]) == (6, 6) and _same(dense[..., ::2, ::2], c5)
+
+
+def test_output_stride_16_resnet50_equals_torchvisions_replace_stride_with_dilation(resnet50):
+    model, seed = resnet50
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True])
+    reference.load_state_dict(model.state_dict())
+    body = torch.nn.Sequential(*list(reference.eval().children())[:-2])  # up to layer4: C5
+    ours = _backbone(seed, seed.arch, 16)
+    with torch.no_grad():
+        assert _same(ours(X96)["final"], body(X96))
+    costs = [count(net, X96) for net in (ours, body)]  # dilation moves no MAdds: the count is torchvision's too
+    assert [(c.madds, c.params) for c in costs] == [(costs[1].madds, costs[1].params)] * 2
+
+
+def test_a_stride_2_block_that_keeps_its_width_keeps_its_downsample_at_output_stride_16(resnet18):
+    _, seed = resnet18
+    narrow = Arch.from_dict({**seed.arch.to_dict(), "stages": [
+        {**s, "c_out": 256} if i == 3 else s for i, s in enumerate(seed.arch.to_dict()["stages"])]})
+    target, report = remap_seed(seed, narrow, output_stride=16)
+    assert target.stages[3][0].downsample is not None and target.stages[3][0].stride == 1
+    layer = next(layer for layer in report.layers if layer.target == "stage 3 layer 0")
+    assert {t.name: t.actions for t in layer.tensors}["downsample.conv.weight"] == ("cropped",)  # 512 -> 256 filters
+    with torch.no_grad():
+        c5 = remap_seed(seed, narrow)[0].eval()(X96)["final"]
+        assert _same(target.eval()(X96)["final"][..., ::2, ::2], c5)
 
 
 @pytest.mark.parametrize("task", TASKS)

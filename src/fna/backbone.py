@@ -19,8 +19,10 @@ Taps (parsed only by :func:`parse_tap`, written only by :attr:`Tap.name`):
 
 Stages after the last tapped one are not built, the final 1x1 conv only when ``"final"`` is tapped.
 ``output_stride`` turns strides beyond it into dilation (DeepLabv3 OS16: the 160 and 320 stages run at
-stride 1, dilation 2; a ResNet's last stage likewise, its first block included, where torchvision keeps
-that block's KxK conv undilated). Modules are registered in forward order: ``stem`` (conv, bn, act [, pool]),
+stride 1, dilation 2, the first layer's depthwise conv included, SPEC §2; a ResNet's last stage likewise,
+except that the first block's formerly strided KxK conv keeps the dilation before the stage's — torchvision's
+``replace_stride_with_dilation``, the exact à-trous equivalent: C5 at OS16 sampled ``[::2, ::2]`` is C5 at
+OS32). Modules are registered in forward order: ``stem`` (conv, bn, act [, pool]),
 ``stages[i][j]`` (expand → depthwise → project, or conv1 → conv2 → [conv3] → downsample), ``final``. Skip
 layers are identities and are not built.
 """
@@ -76,7 +78,10 @@ class LayerInfo:
     ``module`` is its name in the backbone (``stem``, ``stages.{i}.{j}``, ``final``); ``position``
     ``(i, j)`` and ``ops`` (its op, or a mixed layer's candidates) are set for stage layers only.
     ``stride`` and ``dilation`` are its own (after the output-stride conversion), ``in_stride`` the
-    cumulative stride of its input.
+    cumulative stride of its input. ``first_dilation`` is the dilation of a ResNet block's strided KxK conv:
+    in the first layer of a stage whose stride became dilation, the dilation before that stage's
+    (``None``: ``dilation``); ``arch_stride`` the layer's stride in the architecture, before the conversion
+    (``None``: ``stride``), which decides a ResNet block's downsample. MBConv layers use neither.
     """
 
     module: str
@@ -87,6 +92,14 @@ class LayerInfo:
     in_stride: int
     position: tuple[int, int] | None = None
     ops: tuple[str, ...] = ()
+    first_dilation: int | None = None
+    arch_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.first_dilation is None:
+            object.__setattr__(self, "first_dilation", self.dilation)
+        if self.arch_stride is None:
+            object.__setattr__(self, "arch_stride", self.stride)
 
     def input_shape(self, size: Sequence[int], batch: int = 1) -> tuple[int, int, int, int]:
         """Shape of this layer's input for an image of ``size`` (H, W)."""
@@ -125,7 +138,8 @@ def make_layer(info: LayerInfo, op: str, arch: Arch, bn_affine: bool = True) -> 
         return MBConv(info.c_in, info.c_out, parsed, info.stride, info.dilation, arch.activation,
                       bn_affine=bn_affine, bn_eps=arch.bn_eps, se=arch.se)
     return ResBlock(info.c_in, info.c_out, parsed, info.stride, info.dilation, arch.activation,
-                    bn_affine=bn_affine, bn_eps=arch.bn_eps)
+                    bn_affine=bn_affine, bn_eps=arch.bn_eps, first_dilation=info.first_dilation,
+                    arch_stride=info.arch_stride)
 
 
 def plain_layer(info: LayerInfo, arch: Arch) -> MBConv | ResBlock:
@@ -140,16 +154,18 @@ def run_plain(info: LayerInfo, layer: nn.Module, x: torch.Tensor, want_hidden: b
     return layer.forward_with_hidden(x) if want_hidden else (layer(x), None)
 
 
-def stage_dilations(arch: Arch, output_stride: int | None) -> list[tuple[int, int]]:
-    """Per stage ``(stride, dilation)`` after converting strides beyond ``output_stride`` to dilation."""
+def stage_dilations(arch: Arch, output_stride: int | None) -> list[tuple[int, int, int]]:
+    """Per stage ``(stride, dilation, first_dilation)`` after converting strides beyond ``output_stride`` to
+    dilation; ``first_dilation`` is the dilation before the stage's conversion (what the conv that carried
+    the stride keeps in a ResNet block, see :class:`LayerInfo`)."""
     out, current, dilation = [], arch.input_stride, 1
     for stage in arch.stages:
-        stride = stage.stride
+        stride, before = stage.stride, dilation
         if output_stride is not None and current * stride > output_stride:
             dilation *= stride
             stride = 1
         current *= stride
-        out.append((stride, dilation * stage.dilation))
+        out.append((stride, dilation * stage.dilation, before * stage.dilation))
     return out
 
 
@@ -216,13 +232,14 @@ class TapBackbone(nn.Module):
         per_stage: list[tuple[LayerInfo, ...]] = []
         ends: list[tuple[str, int]] = []
         last = "stem"
-        for i, (stage, (s, d), ops) in enumerate(zip(arch.stages[:built], stage_dilations(arch, output_stride),
-                                                     stage_ops)):
+        for i, (stage, (s, d, d0), ops) in enumerate(zip(arch.stages[:built], stage_dilations(arch, output_stride),
+                                                         stage_ops)):
             infos = []
             for j, names in enumerate(ops):
                 first = j == 0
                 infos.append(LayerInfo(layer_module(i, j), stage.c_in if first else stage.c_out, stage.c_out,
-                                       s if first else 1, d, stride, (i, j), tuple(names)))
+                                       s if first else 1, d, stride, (i, j), tuple(names), d0 if first else d,
+                                       stage.stride if first else 1))
                 stride *= s if first else 1
                 last = infos[-1].module
             per_stage.append(tuple(infos))

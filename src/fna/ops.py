@@ -10,7 +10,7 @@ Every MBConv has the same roles, in forward order, which the remapping walks by 
 A :class:`ResBlock` has the roles ``conv1``, ``conv2`` (the KxK convs of a basic block; a bottleneck's
 1x1 reduce and KxK conv), ``conv3`` (a bottleneck's 1x1 expand) and ``downsample`` (1x1 conv + BN on the
 identity path, where the layer changes shape), torchvision's names. Every block class lists its roles
-in ``roles``, in forward order.
+in ``roles`` (a class attribute), in forward order; a role the layer does not have is ``None``.
 """
 
 from __future__ import annotations
@@ -109,28 +109,38 @@ class MBConv(nn.Module):
 class ResBlock(nn.Module):
     """ResNet block ``basic_k{K}_g{G}`` / ``bottle_k{K}_g{G}`` (see :mod:`fna.arch`): its convs → BN, then the
     identity (or ``downsample``: 1x1 conv with the layer's stride + BN, where the shape changes) is added
-    and the activation applied. The stride sits in the first KxK conv (ResNet v1.5)."""
+    and the activation applied. The stride sits in the first KxK conv (ResNet v1.5).
+
+    ``stride`` and ``dilation`` are the block's after the output-stride conversion; the strided KxK conv
+    has ``first_dilation`` instead (default ``dilation``: in a block whose stride became dilation, the
+    dilation before it, torchvision's ``replace_stride_with_dilation``). ``arch_stride`` is the block's
+    stride in the architecture (default ``stride``): it has a ``downsample`` where it changes width or
+    ``arch_stride`` is not 1, so it computes the same function at any output stride.
+    """
+
+    roles = ("conv1", "conv2", "conv3", "downsample")
 
     def __init__(self, c_in: int, c_out: int, op: ResOp, stride: int = 1, dilation: int = 1,
-                 activation: str = "relu", bn_affine: bool = True, bn_eps: float = 1e-5) -> None:
+                 activation: str = "relu", bn_affine: bool = True, bn_eps: float = 1e-5,
+                 first_dilation: int | None = None, arch_stride: int | None = None) -> None:
         super().__init__()
         self.op = op
         self.stride = stride
         norm = dict(activation=activation, bn_affine=bn_affine, bn_eps=bn_eps)
         last = {**norm, "activation": None}
         k, g = op.kernel, op.groups
+        d0 = dilation if first_dilation is None else first_dilation
         if op.kind == "basic":
-            self.roles = ("conv1", "conv2", "downsample")
-            self.conv1 = ConvBNAct(c_in, c_out, k, stride, dilation, groups=g, **norm)
+            self.conv1 = ConvBNAct(c_in, c_out, k, stride, d0, groups=g, **norm)
             self.conv2 = ConvBNAct(c_out, c_out, k, 1, dilation, groups=g, **last)
             self.conv3 = None
         else:
             width = op.width(c_out)
-            self.roles = ("conv1", "conv2", "conv3", "downsample")
             self.conv1 = ConvBNAct(c_in, width, 1, **norm)
-            self.conv2 = ConvBNAct(width, width, k, stride, dilation, groups=g, **norm)
+            self.conv2 = ConvBNAct(width, width, k, stride, d0, groups=g, **norm)
             self.conv3 = ConvBNAct(width, c_out, 1, **last)
-        self.downsample = ConvBNAct(c_in, c_out, 1, stride, **last) if c_in != c_out or stride != 1 else None
+        shape_changes = c_in != c_out or (stride if arch_stride is None else arch_stride) != 1
+        self.downsample = ConvBNAct(c_in, c_out, 1, stride, **last) if shape_changes else None
         self.act = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
