@@ -220,6 +220,22 @@ def test_a_layer_takes_weights_only_from_its_own_block_family():
         check_compatible(BUILTIN_ARCHS["resnet50"], BUILTIN_ARCHS["resnet18"])
 
 
+@pytest.mark.parametrize("drop,message", [
+    ("stem_kernel", r"r18: stem_kernel 3 differs from seed resnet18's 7 .* give \"stem_kernel\": 7"),
+    ("stem_pool", r"r18: stem_pool false differs from seed resnet18's true .* give \"stem_pool\": true")])
+def test_a_hand_written_resnet_without_the_seeds_stem_is_refused_naming_the_field(tmp_path, drop, message):
+    path = tmp_path / "r18.json"
+    path.write_text(json.dumps({k: v for k, v in BUILTIN_ARCHS["resnet18"].to_dict().items() if k not in (drop, "name")}))
+    with pytest.raises(RemapError, match=message):
+        check_compatible(BUILTIN_ARCHS["resnet18"], load_arch(path))
+
+
+def test_a_final_conv_the_resnet_seed_does_not_have_is_refused_naming_final_channels():
+    target = Arch.from_dict({**BUILTIN_ARCHS["resnet18"].to_dict(), "final_channels": 1024, "name": "wide"})
+    with pytest.raises(RemapError, match=r"wide: final_channels 1024, but seed resnet18 has no final 1x1 conv"):
+        check_compatible(BUILTIN_ARCHS["resnet18"], target)
+
+
 # -- the search space, the super network and the search --------------------------------------------
 
 def test_resnet_space_grows_each_stage_by_one_layer_that_alone_may_be_skip():

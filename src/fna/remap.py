@@ -35,6 +35,7 @@ make its activation's gradient vanish. BN that has no affine parameters and no r
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -309,10 +310,6 @@ def remap_se(src: SqueezeExcite | None, dst: SqueezeExcite) -> list[TensorReport
             *remap_linear(src.expand if src is not None else None, dst.expand, "se.expand")]
 
 
-def _family(layer: MBConv | ResBlock) -> str:
-    return op_family(layer.op)
-
-
 def remap_layer(src: MBConv | ResBlock, dst: MBConv | ResBlock) -> LayerReport:
     """Remap seed layer ``src`` into target layer ``dst`` role by role (width, kernel and groups rules).
 
@@ -321,8 +318,9 @@ def remap_layer(src: MBConv | ResBlock, dst: MBConv | ResBlock) -> LayerReport:
     (``fresh``); a target without one simply does not take the source's. Works for super-network
     candidates, whose BN has nothing to remap.
     """
-    if _family(src) != _family(dst):
-        raise RemapError(f"a {_family(dst)} layer ({dst.op.name}) cannot take the weights of a {_family(src)} layer "
+    family, source = op_family(dst.op), op_family(src.op)
+    if family != source:
+        raise RemapError(f"a {family} layer ({dst.op.name}) cannot take the weights of a {source} layer "
                          f"({src.op.name}): their convs play different roles")
     tensors = []
     for role in dst.roles:
@@ -339,7 +337,9 @@ def _stage_label(arch: Arch, i: int) -> str:
 
 
 def check_compatible(seed: Arch, target: Arch) -> None:
-    """:class:`RemapError` unless ``target`` can be remapped from ``seed`` (stages pair by position)."""
+    """:class:`RemapError` unless ``target`` can be remapped from ``seed``: stages pair by position, each
+    target layer's block family is among its seed stage's, and the stem (``stem_kernel``, ``stem_pool``) and
+    the final 1x1 conv exist in the seed as in the target (so nothing is cropped or dropped unreported)."""
     if len(seed.stages) != len(target.stages):
         i = min(len(seed.stages), len(target.stages))
         where = (f"target {_stage_label(target, i)} has no counterpart in the seed" if len(target.stages) > i
@@ -352,6 +352,15 @@ def check_compatible(seed: Arch, target: Arch) -> None:
             raise RemapError(f"target {_stage_label(target, i)} has {', '.join(sorted(families[1]))} layers, seed "
                              f"{_stage_label(seed, i)} {', '.join(sorted(families[0])) or 'none'}: a layer only takes "
                              "the weights of its own family (MBConv, basic or bottleneck block)")
+    names = target.name or "target", seed.name or "seed"
+    for key, what in (("stem_kernel", "the stem conv's kernel"), ("stem_pool", "the max-pool after the stem")):
+        mine, theirs = (json.dumps(getattr(a, key)) for a in (target, seed))
+        if mine != theirs:
+            raise RemapError(f"{names[0]}: {key} {mine} differs from seed {names[1]}'s {theirs} ({what}): the stem "
+                             f'would not compute the seed\'s; give "{key}": {theirs} in the architecture')
+    if target.final_channels and not seed.final_channels:
+        raise RemapError(f"{names[0]}: final_channels {target.final_channels}, but seed {names[1]} has no final 1x1 "
+                         'conv to remap it from; give "final_channels": 0 in the architecture')
 
 
 def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
@@ -385,8 +394,8 @@ def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
             report.layers.append(layer)
     if target.final is not None:
         if seed.final is None:
-            raise RemapError("the target has a final 1x1 conv but the seed backbone was built without one "
-                             "(build it with taps=('final',))")
+            raise RemapError("the target has a final 1x1 conv but the seed backbone was built without it: build "
+                             "the seed backbone with taps=('final',)")
         report.layers.append(LayerReport("conv1x1", "", remap_conv_bn(seed.final, target.final, "final"),
                                          "final", "final"))
     for attr in ("activation", "bn_eps"):
