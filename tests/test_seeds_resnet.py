@@ -129,8 +129,16 @@ def test_resnet_weights_file_loads_as_a_seed_and_an_unfitting_one_is_named(tmp_p
     with torch.no_grad():
         ref = model(X64)
         assert (load_seed("resnet18", path).classifier()(X64) - ref).abs().max() <= 1e-5 * ref.abs().max()
-    with pytest.raises(SeedError, match=r"r18.pth: weights do not fit seed 'resnet50'"):
+    with pytest.raises(SeedError, match=r"r18.pth: weights do not fit seed 'resnet50'") as error:
         load_seed("resnet50", path)
+    lines = str(error.value).splitlines()
+    assert len(lines) == 4 and len(str(error.value)) < 600  # a summary, not a dump of 200 keys
+    assert lines[1] == "  198 missing of 320 expected: layer1.0.conv3.weight, layer1.0.bn3.weight, layer1.0.bn3.bias, ..."
+    assert lines[2].startswith("  24 of another shape: layer1.0.conv1.weight [64, 64, 3, 3] (expected [64, 64, 1, 1])")
+    assert lines[3] == "  the file fits seed 'resnet18': pass --seed resnet18"
+    wrapped = tmp_path / "ddp.pth"  # what a (Distributed)DataParallel model saves
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, wrapped)
+    assert torch.equal(load_seed("resnet18", wrapped).state_dict["backbone.stem.conv.weight"], model.conv1.weight)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(SeedError, match=r"junk.pth: not a readable PyTorch weights file"):
         load_seed("resnet18", tmp_path / "junk.pth")
