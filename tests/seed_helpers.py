@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 
 from fna.arch import Arch
+from fna.backbone import Classifier
+from fna.remap import remap_seed
+from fna.seeds import Seed
 
 
 def calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
@@ -23,6 +26,18 @@ def calibrated(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
         linears[-1].weight.mul_(1000 / linears[-1].weight.abs().max())
     assert model.eval()(x).abs().max() > 1
     return model
+
+
+def assert_self_remap_exact(seed: Seed, x: torch.Tensor) -> None:
+    """Remapping ``seed`` onto its own architecture inherits every parameter and, with the seed's head, gives
+    exactly the seed's logits on ``x``."""
+    target, report = remap_seed(seed, seed.arch)
+    remapped = Classifier(target)
+    head = {k: v for k, v in seed.state_dict.items() if not k.startswith("backbone.")}
+    assert remapped.load_state_dict(head, strict=False).unexpected_keys == []
+    with torch.no_grad():
+        assert torch.equal(remapped.eval()(x), seed.classifier()(x))
+    assert report.fraction == 1.0
 
 
 def tiny_adapt(tmp_path: Path, seed: str, weights: Path, stage_space: str, n_stages: int) -> Arch:

@@ -12,16 +12,16 @@ import pytest
 import torch
 import torchvision
 from search_helpers import DetData, SegData, det_collate, seg_collate
-from seed_helpers import calibrated, tiny_adapt
+from seed_helpers import assert_self_remap_exact, calibrated, tiny_adapt
 
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, ResOp, Stage, load_arch, parse_op, save_arch
-from fna.backbone import Backbone, Classifier, LayerInfo, make_layer
+from fna.backbone import Backbone, LayerInfo, make_layer
 from fna.cost import CostTable, count, model_cost
 from fna.ops import ResBlock
 from fna.remap import RemapError, check_compatible, remap_grouped_conv_weight, remap_layer, remap_seed
 from fna.search import SearchConfig, search
 from fna.seeds import SeedError, load_seed, seed_from_model
-from fna.supernet import SearchSpace, StageSpace, SuperBackbone, arch_path
+from fna.supernet import SearchSpace, SearchSpaceError, StageSpace, SuperBackbone, arch_path
 from fna.tasks import build_model, get_task
 
 X64 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -46,7 +46,7 @@ def resnet50():
 def _small_space(seed_arch: Arch) -> SearchSpace:
     """The ResNet space's shape (seed depth + 1, skip only in the extra layer) with 2 kernels × 2 groups."""
     return SearchSpace(tuple(StageSpace(s.depth + 1, (3, 5), groups=(1, 2), min_depth=s.depth)
-                             for s in seed_arch.stages[1:]), "small")
+                             for s in seed_arch.stages[1:]), "small", "ResNet")
 
 
 # -- the architecture as data --------------------------------------------------------------------
@@ -61,6 +61,13 @@ def test_resnet_op_names_carry_block_kind_kernel_and_groups(name, op):
 def test_bad_resnet_op_is_a_clear_error(bad, message):
     with pytest.raises(ArchError, match=message):
         parse_op(bad)
+
+
+@pytest.mark.parametrize("kind,kernel,groups,message", [("wide", 3, 1, "block kind 'wide'"), ("basic", 4, 1, "odd"),
+                                                        ("bottle", 3, 0, "groups must be >= 1")])
+def test_a_resnet_op_made_in_code_is_validated_like_a_parsed_one(kind, kernel, groups, message):
+    with pytest.raises(ArchError, match=message):
+        ResOp(kind, kernel, groups)
 
 
 def test_groups_that_do_not_split_the_channels_are_a_clear_error():
@@ -93,13 +100,7 @@ def test_resnet_seed_converts_with_torchvisions_logits(name, request):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnet_seed_onto_its_own_architecture_reproduces_its_logits_exactly(name, request):
     _, seed = request.getfixturevalue(name)
-    target, report = remap_seed(seed, seed.arch)
-    remapped = Classifier(target)
-    head = {k: v for k, v in seed.state_dict.items() if not k.startswith("backbone.")}
-    assert remapped.load_state_dict(head, strict=False).unexpected_keys == []
-    with torch.no_grad():
-        assert torch.equal(remapped.eval()(X64), seed.classifier()(X64))
-    assert report.fraction == 1.0
+    assert_self_remap_exact(seed, X64)
 
 
 @pytest.mark.parametrize("arch,madds,params", [("resnet18", 1_814_073_344, 11_689_512),  # torchvision's published
@@ -259,6 +260,44 @@ def test_resnet_space_grows_each_stage_by_one_layer_that_alone_may_be_skip():
     assert tuple(net.alpha["s2_noskip"].shape) == (5, 9) and tuple(net.alpha["s2_rest"].shape) == (1, 10)
     assert arch_path(arch, arch, cands) == [[0] * 4 + [9], [0] * 6 + [9], [0] * 3 + [9]]  # the seed: skip last
     assert SearchSpace.from_dict(space.to_dict()) == space and space.name == "resnet"
+
+
+def test_a_resnet_space_serialises_its_blocks_and_no_expansions_and_an_mbconv_space_is_unchanged():
+    resnet = SearchSpace.get("detection", BUILTIN_ARCHS["resnet18"]).to_dict()
+    assert resnet["blocks"] == "ResNet" and all("expansions" not in s for s in resnet["stages"])
+    assert SearchSpace.from_dict(resnet) == SearchSpace.get("detection", BUILTIN_ARCHS["resnet18"])
+    mbconv = SearchSpace.get("detection", BUILTIN_ARCHS["mobilenet_v2"]).to_dict()  # what cost-table keys hold
+    assert mbconv == {"name": "detection", "stages": [
+        {"max_depth": d, "kernels": [3, 5, 7], "expansions": [3, 6], "allow_skip": True} for d in (4, 4, 4, 4, 4, 1)]}
+
+
+@pytest.mark.parametrize("seed,stage,message", [
+    ("mobilenet_v2", {"max_depth": 2, "groups": [1, 2]},
+     r"'mine' stage 1: groups \[1, 2\] is a ResNet setting; the seed's layers are MBConv"),
+    ("resnet18", {"max_depth": 3, "expansions": [6]}, r"'mine' stage 1: expansions is an MBConv setting"),
+    ("resnet18", {"max_depth": 3, "min_depth": 4}, r"'mine' stage 1: min_depth must be between 1 and max_depth 3, "
+                                                   "got 4$"),
+    ("resnet18", {"max_depth": 3, "min_depth": 0}, r"stage 1: min_depth must be between 1 and max_depth 3, got 0$"),
+    ("resnet18", {"max_depth": 3, "groups": [0, 2]}, r"'mine' stage 1: groups must be >= 1, got \[0, 2\]$"),
+    ("resnet18", {"max_depth": 3, "groups": [1, 3]}, r"'mine' stage 1 layer 0: 64 channels do not split into 3 "
+                                                     r"groups \(groups \[1, 3\]\)")])
+def test_a_search_space_setting_the_seed_cannot_take_is_a_clear_error_naming_it(seed, stage, message):
+    arch = BUILTIN_ARCHS[seed]
+    spec = {"name": "mine", "stages": [stage] * (len(arch.stages) - 1)}
+    with pytest.raises(SearchSpaceError, match=message) as error:
+        SearchSpace.get(spec, arch).candidates(arch)
+    assert "malformed" not in str(error.value)  # not wrapped twice
+
+
+def test_a_search_space_built_in_code_is_checked_against_the_seeds_family_too():
+    mbconv = SearchSpace(tuple(StageSpace(4, groups=(1, 2)) for _ in range(6)), "code")
+    with pytest.raises(SearchSpaceError, match="stage 1: groups .* ResNet setting"):
+        mbconv.candidates(BUILTIN_ARCHS["mobilenet_v2"])
+    resnet = SearchSpace(tuple(StageSpace(3, expansions=(6,)) for _ in range(3)), "code")
+    with pytest.raises(SearchSpaceError, match=r"stage 1: expansions \[6\] is an MBConv setting"):
+        resnet.candidates(BUILTIN_ARCHS["resnet18"])
+    with pytest.raises(SearchSpaceError, match=r"blocks 'MBConv', but the seed's layers are ResNet"):
+        SearchSpace.get({"blocks": "MBConv", "stages": [{"max_depth": 3}] * 3}, BUILTIN_ARCHS["resnet18"])
 
 
 def test_task_taps_on_a_resnet_are_c3_c5_c4_c5_and_c5_at_output_stride_16():

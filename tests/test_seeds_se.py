@@ -11,13 +11,12 @@ import pytest
 import timm
 import torch
 import torchvision
-from seed_helpers import calibrated, tiny_adapt
+from seed_helpers import assert_self_remap_exact, calibrated, tiny_adapt
 
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, Op, SqueezeExcite, Stage, parse_op
-from fna.backbone import Classifier
 from fna.cost import model_cost, task_cost_table
 from fna.ops import MBConv
-from fna.remap import remap_layer, remap_seed
+from fna.remap import remap_layer
 from fna.seeds import SEEDS, SeedError, load_seed, seed_from_model
 from fna.supernet import SearchSpace, StageSpace, SuperBackbone
 from fna.tasks import get_task
@@ -65,13 +64,7 @@ def test_seed_weights_file_loads_as_a_seed(reference, tmp_path):
 def test_se_seed_onto_its_own_architecture_reproduces_its_logits_exactly(reference):
     name, model = reference
     seed = seed_from_model(name, model)
-    target, report = remap_seed(seed, seed.arch)
-    remapped = Classifier(target)
-    head = {k: v for k, v in seed.state_dict.items() if not k.startswith("backbone.")}
-    assert remapped.load_state_dict(head, strict=False).unexpected_keys == []
-    with torch.no_grad():
-        assert torch.equal(remapped.eval()(X64), seed.classifier()(X64))
-    assert report.fraction == 1.0
+    assert_self_remap_exact(seed, X64)
 
 
 @pytest.mark.parametrize("arch,madds,params", [

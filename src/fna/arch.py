@@ -148,10 +148,24 @@ class ResOp:
         """The width of its KxK convs' output in a layer of ``c_out`` output channels."""
         return c_out // 4 if self.kind == "bottle" else c_out
 
+    def __post_init__(self) -> None:
+        if self.kind not in RESIDUAL_KINDS:
+            raise ArchError(f"ResNet block kind {self.kind!r}: expected one of {RESIDUAL_KINDS}")
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ArchError(f"kernel size must be odd and >= 1, got {self.kernel!r}")
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ArchError(f"the number of groups must be >= 1, got {self.groups!r}")
+
     def grouped_widths(self, c_in: int, c_out: int) -> tuple[int, ...]:
         """The channel counts its grouped convs split into ``groups`` (each must divide by it)."""
         w = self.width(c_out)
         return (c_in, w) if self.kind == "basic" else (w,)
+
+    def split_error(self, c_in: int, c_out: int) -> str | None:
+        """Why it cannot be built on ``c_in`` → ``c_out`` channels (``18 channels do not split into 4 groups``),
+        or ``None`` when it can."""
+        bad = [c for c in self.grouped_widths(c_in, c_out) if c % self.groups]
+        return f"{bad[0]} channels do not split into {self.groups} groups" if bad else None
 
     @property
     def tag(self) -> str:
@@ -179,12 +193,12 @@ def parse_op(name: str) -> AnyOp | None:
         return None
     r = _RES_RE.match(name)
     if r:
-        kernel, groups = (int(g) if len(g) <= 6 else 0 for g in r.group(2, 3))
-        if kernel < 1 or kernel % 2 == 0:
-            raise ArchError(f"op {name!r}: kernel size must be odd and >= 1 (at most 6 digits)")
-        if groups < 1:
-            raise ArchError(f"op {name!r}: the number of groups must be >= 1 (at most 6 digits)")
-        return ResOp(r.group(1), kernel, groups)
+        if any(len(g) > 6 for g in r.group(2, 3)):
+            raise ArchError(f"op {name[:24]}...: kernel size and groups must have at most 6 digits")
+        try:
+            return ResOp(r.group(1), int(r.group(2)), int(r.group(3)))
+        except ArchError as e:
+            raise ArchError(f"op {name!r}: {e}") from None
     m = _OP_RE.match(name)
     if not m:
         raise ArchError(f"unknown op {name!r}: expected 'k<K>_e<E>[_se][_<activation>]' (e.g. 'k3_e6', "
@@ -332,10 +346,9 @@ class Arch:
                 if parsed is None and (c_in != c_out or stride != 1):
                     raise ArchError(f"{where} layer {j}: 'skip' is only allowed where the layer keeps its shape")
                 if isinstance(parsed, ResOp):
-                    bad = [c for c in parsed.grouped_widths(c_in, c_out) if c % parsed.groups]
+                    bad = parsed.split_error(c_in, c_out)
                     if bad:
-                        raise ArchError(f"{where} layer {j}: op {op!r}: {bad[0]} channels do not split into "
-                                        f"{parsed.groups} groups")
+                        raise ArchError(f"{where} layer {j}: op {op!r}: {bad}")
                     if parsed.kind == "bottle" and c_out < 4:
                         raise ArchError(f"{where} layer {j}: op {op!r}: a bottleneck needs >= 4 output channels")
                 elif parsed is not None and parsed.se and self.se is None:

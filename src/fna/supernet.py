@@ -4,8 +4,8 @@ A :class:`SearchSpace` says, per searched stage (``arch.stages[1:]`` of the seed
 has and which ops each layer chooses from. :class:`SuperBackbone` is built by the backbone builder
 (:class:`~fna.backbone.TapBackbone`) with the :func:`mixed_layer` factory: the stem, the fixed first
 block and the final 1x1 conv are ordinary layers (affine BN, running statistics); every searched
-layer is a :class:`MixedLayer` of MBConv candidates whose BN has no affine parameters and no running
-statistics, plus ``skip`` where allowed. It shares :class:`~fna.backbone.Backbone`'s interface,
+layer is a :class:`MixedLayer` of MBConv or ResNet-block candidates (the seed's family) whose BN has no
+affine parameters and no running statistics, plus ``skip`` where allowed. It shares :class:`~fna.backbone.Backbone`'s interface,
 recorded layer and tap info and forward, so every task head takes it unchanged.
 
 Forward modes are state of the network, not wrappers swapped in per step:
@@ -26,14 +26,17 @@ exact space is not published): per searched stage (layer2–layer4; layer1, at s
 like MobileNetV2's first block) the seed's depth ``n`` plus one layer; every layer's KxK conv(s) choose
 kernel 3, 5 or 7 and 1, 2 or 4 groups (9 candidates, widths fixed), and only the extra layer ``n`` has
 ``skip`` besides, so a stage keeps its seed depth or grows by one. Both presets (``detection``,
-``segmentation``) give it for a ResNet seed.
+``segmentation``) give it for a ResNet seed. A space's ``blocks`` (``MBConv`` or ``ResNet``) is the family
+it is bound to (:meth:`SearchSpace.bound`, which :meth:`SearchSpace.get` applies for a seed): ``groups``
+are a ResNet setting and ``expansions`` an MBConv one, and a space setting the other family's is a
+:class:`SearchSpaceError`; a ResNet space's JSON says ``"blocks": "ResNet"`` and has no ``expansions``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -47,6 +50,8 @@ from fna.errors import FnaError
 from fna.remap import depth_source, remap_conv_bn, remap_layer
 
 SinglePath = list[list[int]]  # per searched stage, per layer: index into that layer's candidates
+BLOCKS = ("MBConv", "ResNet")  # the layer families a search space is for
+EXPANSIONS = (3, 6)  # the paper's MBConv expansions, the default of a stage space
 
 
 class SearchSpaceError(FnaError, ValueError):
@@ -63,7 +68,7 @@ class StageSpace:
 
     max_depth: int
     kernels: tuple[int, ...] = (3, 5, 7)
-    expansions: tuple[int, ...] = (3, 6)
+    expansions: tuple[int, ...] = EXPANSIONS
     allow_skip: bool = True
     groups: tuple[int, ...] = (1,)
     min_depth: int = 1
@@ -96,17 +101,47 @@ class StageSpace:
         return max(1, self.min_depth) if self.allow_skip else self.max_depth
 
 
+def seed_blocks(seed: Arch) -> str:
+    """``ResNet`` when ``seed``'s searched stages hold ResNet blocks, else ``MBConv``: the family its
+    search space is for."""
+    return "ResNet" if any(isinstance(parse_op(o), ResOp) for s in seed.stages[1:] for o in s.ops) else "MBConv"
+
+
 @dataclass(frozen=True)
 class SearchSpace:
-    """Per searched stage (every stage of the seed but the first) a :class:`StageSpace`."""
+    """Per searched stage (every stage of the seed but the first) a :class:`StageSpace`, for ``blocks``
+    (``MBConv`` or ``ResNet``) layers."""
 
     stages: tuple[StageSpace, ...]
     name: str = "custom"
+    blocks: str = "MBConv"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise SearchSpaceError("a search space needs at least one searched stage")
+        if self.blocks not in BLOCKS:
+            raise SearchSpaceError(f"search space {self.name!r}: blocks {self.blocks!r}, expected one of {BLOCKS}")
+
+    def check_fields(self, blocks: str) -> None:
+        """:class:`SearchSpaceError` naming the first stage setting ``blocks`` layers do not have: ``groups``
+        (other than ``[1]``) for MBConv, ``expansions`` (other than the default) for ResNet blocks."""
+        for i, stage in enumerate(self.stages, start=1):
+            if blocks == "MBConv" and stage.groups != (1,):
+                raise SearchSpaceError(f"search space {self.name!r} stage {i}: groups {list(stage.groups)} is a "
+                                       "ResNet setting; the seed's layers are MBConv (they choose kernels and "
+                                       "expansions)")
+            if blocks == "ResNet" and stage.expansions != EXPANSIONS:
+                raise SearchSpaceError(f"search space {self.name!r} stage {i}: expansions {list(stage.expansions)} "
+                                       "is an MBConv setting; the seed's layers are ResNet blocks (they choose "
+                                       "kernels and groups)")
+
+    def bound(self, seed: Arch) -> SearchSpace:
+        """This space for ``seed``: ``blocks`` set to the seed's family (:class:`SearchSpaceError` for a setting
+        of the other family)."""
+        blocks = seed_blocks(seed)
+        self.check_fields(blocks)
+        return self if blocks == self.blocks else replace(self, blocks=blocks)
 
     @classmethod
     def preset(cls, name: str, seed: Arch | None = None) -> SearchSpace:
@@ -119,43 +154,71 @@ class SearchSpace:
         """
         if name not in PRESETS:
             raise SearchSpaceError(f"unknown search space {name!r}: expected one of {', '.join(PRESETS)}")
-        if seed is not None and any(isinstance(parse_op(o), ResOp) for s in seed.stages[1:] for o in s.ops):
+        if seed is not None and seed_blocks(seed) == "ResNet":
             return cls(tuple(StageSpace(s.depth + 1, (3, 5, 7), groups=(1, 2, 4), min_depth=s.depth)
-                             for s in seed.stages[1:]), "resnet")
+                             for s in seed.stages[1:]), "resnet", "ResNet")
         depths = PRESETS[name]
         if seed is not None and len(seed.stages) - 1 != len(depths):
             depths = tuple(1 if s.depth == 1 else max(4, s.depth) for s in seed.stages[1:])
         return cls(tuple(StageSpace(d) for d in depths), name)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SearchSpace:
+    def from_dict(cls, d: dict[str, Any], blocks: str | None = None) -> SearchSpace:
+        """A space from its JSON data, for ``blocks`` layers (``None``: what the data says, else MBConv).
+
+        A stage of a ResNet space that gives ``expansions`` is a :class:`SearchSpaceError` (see
+        :meth:`check_fields`), as is data whose ``blocks`` is not ``blocks``.
+        """
+        name = str(d.get("name", "custom")) if isinstance(d, dict) else "custom"
+        stated = d.get("blocks") if isinstance(d, dict) else None
+        if blocks is not None and stated is not None and stated != blocks:
+            raise SearchSpaceError(f"search space {name!r}: blocks {stated!r}, but the seed's layers are {blocks}")
+        blocks = blocks or stated or "MBConv"
+        stages = []
         try:
-            stages = tuple(StageSpace(int(s["max_depth"]), tuple(s.get("kernels", (3, 5, 7))),
-                                      tuple(s.get("expansions", (3, 6))), bool(s.get("allow_skip", True)),
-                                      tuple(s.get("groups", (1,))), int(s.get("min_depth", 1)))
-                           for s in d["stages"])
-        except (KeyError, TypeError, ValueError) as e:
+            for i, s in enumerate(d["stages"], start=1):
+                if blocks == "ResNet" and "expansions" in s:
+                    raise SearchSpaceError(f"search space {name!r} stage {i}: expansions is an MBConv setting; the "
+                                           "seed's layers are ResNet blocks (they choose kernels and groups)")
+                try:
+                    stages.append(StageSpace(int(s["max_depth"]), tuple(s.get("kernels", (3, 5, 7))),
+                                             tuple(s.get("expansions", EXPANSIONS)), bool(s.get("allow_skip", True)),
+                                             tuple(s.get("groups", (1,))), int(s.get("min_depth", 1))))
+                except SearchSpaceError as e:
+                    raise SearchSpaceError(f"search space {name!r} stage {i}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, SearchSpaceError):
+                raise
             raise SearchSpaceError(f"malformed search space ({type(e).__name__}: {e}); each stage needs "
                                    "max_depth and may give kernels, expansions, allow_skip, groups, min_depth") \
                 from None
-        return cls(stages, str(d.get("name", "custom")))
+        return cls(tuple(stages), name, blocks)
 
     @classmethod
     def get(cls, spec: str | dict[str, Any] | SearchSpace, seed: Arch | None = None) -> SearchSpace:
-        """A preset by name (for ``seed``, see :meth:`preset`), a space from its dict, or ``spec`` itself."""
-        if isinstance(spec, SearchSpace):
-            return spec
-        return cls.preset(spec, seed) if isinstance(spec, str) else cls.from_dict(spec)
+        """A preset by name (for ``seed``, see :meth:`preset`), a space from its dict, or ``spec`` itself;
+        bound to ``seed`` when one is given (:meth:`bound`)."""
+        if isinstance(spec, str):
+            space = cls.preset(spec, seed)
+        elif isinstance(spec, SearchSpace):
+            space = spec
+        else:
+            space = cls.from_dict(spec, seed_blocks(seed) if seed is not None else None)
+        return space.bound(seed) if seed is not None else space
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data; ``groups`` and ``min_depth`` only when set (MBConv spaces read as they always did)."""
+        """Plain JSON data; ``groups`` and ``min_depth`` only when set, so MBConv spaces read as they always
+        did; a ResNet space says ``"blocks": "ResNet"`` and has no ``expansions``."""
         def stage(s: StageSpace) -> dict[str, Any]:
             d = {**asdict(s), "kernels": list(s.kernels), "expansions": list(s.expansions), "groups": list(s.groups)}
             for key, unset in (("groups", [1]), ("min_depth", 1)):
                 if d[key] == unset:
                     del d[key]
+            if self.blocks == "ResNet":
+                del d["expansions"]
             return d
-        return {"name": self.name, "stages": [stage(s) for s in self.stages]}
+        return {"name": self.name, **({"blocks": self.blocks} if self.blocks != "MBConv" else {}),
+                "stages": [stage(s) for s in self.stages]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -171,6 +234,7 @@ class SearchSpace:
         if len(seed.stages) - 1 != len(self.stages):
             raise SearchSpaceError(f"search space {self.name!r} has {len(self.stages)} searched stages, seed "
                                    f"{seed.name or 'arch'} has {len(seed.stages) - 1} (all stages but the first)")
+        self.check_fields(seed_blocks(seed))
         try:
             tapped = {t.stage for t in (parse_tap(name, len(seed.stages)) for name in taps) if t.kind == "expand"}
         except ArchError as e:
@@ -191,10 +255,11 @@ class SearchSpace:
                     layers.append(space.ops(like=like) + ((SKIP,) if j >= space.skips_from() else ()))
                 if isinstance(like, ResOp):
                     c_in, c_out = (seed.stages[i].c_in if j == 0 else seed.stages[i].c_out), seed.stages[i].c_out
-                    bad = [(g, c) for g in space.groups for c in like.grouped_widths(c_in, c_out) if c % g]
+                    bad = next(filter(None, (like.like(like.kernel, g).split_error(c_in, c_out)
+                                             for g in space.groups)), None)
                     if bad:
-                        raise SearchSpaceError(f"stage {i} layer {j}: {bad[0][1]} channels do not split into "
-                                               f"{bad[0][0]} groups")
+                        raise SearchSpaceError(f"search space {self.name!r} stage {i} layer {j}: {bad} (groups "
+                                               f"{list(space.groups)})")
             out.append(layers)
         return out
 
@@ -203,7 +268,8 @@ PRESETS: dict[str, tuple[int, ...]] = {"detection": (4, 4, 4, 4, 4, 1), "segment
 
 
 class MixedLayer(nn.Module):
-    """One searched layer: MBConv candidates (BN without affine/running stats) and optionally ``skip``.
+    """One searched layer: MBConv or ResNet-block candidates (BN without affine/running stats) and
+    optionally ``skip``.
 
     ``info.ops`` lists the candidates' op names, built as in ``arch`` (its activation, BN eps and SE rule);
     ``skip`` (if present) is last and is not a module. ``recompute``:
@@ -351,7 +417,7 @@ class SuperBackbone(TapBackbone):
         self.alpha = nn.ParameterDict()
         for i, (layers, stage) in enumerate(zip(self.candidates, space.stages), start=1):
             self.alpha[f"s{i}_first"] = nn.Parameter(alpha_std * torch.randn(1, len(layers[0])))
-            m = min(max(1, stage.min_depth), len(layers))
+            m = stage.min_depth  # layers 1..m-1 never skip (validated: 1 <= m <= L)
             if m > 1:
                 self.alpha[f"s{i}_noskip"] = nn.Parameter(alpha_std * torch.randn(m - 1, len(layers[1])))
             if len(layers) > m:
