@@ -13,12 +13,15 @@ import torch
 import torchvision
 from search_helpers import DetData, SegData, det_collate, seg_collate
 from seed_helpers import assert_self_remap_exact, calibrated, tiny_adapt
+from typer.testing import CliRunner
 
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, ResOp, Stage, load_arch, parse_op, save_arch
+from fna.artifact import load_model
 from fna.backbone import Backbone, LayerInfo, make_layer
+from fna.cli import app
 from fna.cost import CostTable, count, model_cost
 from fna.ops import ResBlock
-from fna.remap import RemapError, check_compatible, remap_grouped_conv_weight, remap_layer, remap_seed
+from fna.remap import RemapError, RemapReport, check_compatible, remap_grouped_conv_weight, remap_layer, remap_seed
 from fna.search import SearchConfig, search
 from fna.seeds import SeedError, load_seed, seed_from_model
 from fna.supernet import SearchSpace, SearchSpaceError, StageSpace, SuperBackbone, arch_path
@@ -360,7 +363,7 @@ def test_a_stride_2_block_that_keeps_its_width_keeps_its_downsample_at_output_st
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_a_tiny_search_over_the_resnet_space_derives_an_architecture_and_prices_the_seed_as_its_model(
+def test_a_tiny_search_over_the_resnet_space_prices_the_seed_and_the_derived_arch_as_their_models(
         task, resnet18, tmp_path, one_thread):
     _, seed = resnet18
     kwargs = {"retinanet": {"min_size": 64, "max_size": 64}, "ssdlite": {"size": 64}, "seg": {}}[task]
@@ -369,32 +372,46 @@ def test_a_tiny_search_over_the_resnet_space_derives_an_architecture_and_prices_
                                 tensorboard=False, device="cpu", model_kwargs=kwargs)
     data, collate = (SegData(4), seg_collate) if task == "seg" else (DetData(4), det_collate)
     result = search(cfg, data, collate, tmp_path, seed=seed)
-    depths = [s.depth for s in result.arch.stages]
-    assert depths[0] == 2 and set(depths[1:]) <= {2, 3}  # layer1 fixed; a searched stage keeps or grows its depth
-    assert all(isinstance(parse_op(o), ResOp) for s in result.arch.stages for o in s.ops if o != "skip")
-    assert load_arch(tmp_path / "arch.json").stages == result.arch.stages
+    assert load_arch(tmp_path / "arch.json") == result.arch  # what the run wrote is what it derived
     table = CostTable.load(tmp_path / "cost_table.json")
-    seed_cost = table.path_cost(arch_path(seed.arch, seed.arch, table.candidates))
-    assert seed_cost == model_cost(task, seed.arch, (64, 64), 3).madds
+    for arch in (seed.arch, result.arch):  # the additive table prices a path as the whole task model
+        assert table.path_cost(arch_path(arch, seed.arch, table.candidates)) == model_cost(task, arch, (64, 64), 3).madds
 
 
 # -- task models and the whole pipeline --------------------------------------------------------------
 
-def test_retinanet_on_a_remapped_resnet50_seed_detects(resnet50):
+def test_retinanet_on_a_remapped_resnet50_seed_reads_c3_c5_and_detects_inside_the_image(resnet50):
     _, seed = resnet50
     spec = get_task("retinanet")
     backbone, report = remap_seed(seed, seed.arch, spec.taps(seed.arch), spec.output_stride)
-    model = spec.head(backbone, 80, min_size=64, max_size=64).eval()
-    assert list(backbone.out_channels.values()) == [512, 1024, 2048] and report.fraction == 1.0
+    model = spec.head(backbone, 80, min_size=64, max_size=96).eval()
+    model.score_thresh = 0.0  # keep every box, so there are boxes to check
+    image = X96[0, :, :64].sigmoid()  # 64 x 96, not square
     with torch.no_grad():
-        out = model([X64[0].sigmoid()])
-    assert set(out[0]) == {"boxes", "scores", "labels"}
-    assert build_model("seg", seed.arch, 19).backbone.feature_info[0].stride == 16
+        feats = backbone(image[None])
+        out = model([image])[0]
+    assert [(f.shape[1], 64 // f.shape[2], 96 // f.shape[3]) for f in feats.values()] == [
+        (512, 8, 8), (1024, 16, 16), (2048, 32, 32)] and report.fraction == 1.0
+    boxes = out["boxes"]
+    assert len(boxes) > 0 and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 64).all()
+    assert (boxes[:, 2:] >= boxes[:, :2]).all() and build_model("seg", seed.arch, 19).backbone.feature_info[0].stride == 16
 
 
 def test_fna_adapt_with_a_resnet_seed_weights_file_runs_end_to_end(tmp_path, resnet18, one_thread):
     weights = tmp_path / "resnet18.pth"
     torch.save(resnet18[0].state_dict(), weights)
     arch = tiny_adapt(tmp_path, "resnet18", weights, "{max_depth: 3, kernels: [3, 5], groups: [1, 2], min_depth: 2}", 3)
+    run = tmp_path / "run"
     assert (arch.stem_kernel, arch.stem_pool, arch.final_channels) == (7, True, 0)
-    assert arch.stages[0].ops == BUILTIN_ARCHS["resnet18"].stages[0].ops  # layer1 is not searched
+    spec = get_task("retinanet")  # the run's remap report is what remapping the seed onto its arch reports
+    report = RemapReport.from_dict(json.loads((run / "remap_report.json").read_text()))
+    again = remap_seed(load_seed("resnet18", weights), arch, spec.taps(arch), spec.output_stride)[1]
+    assert report.fraction == again.fraction and 0 < report.fraction <= 1
+    fixed = [layer for layer in report.layers if layer.target == "stem" or layer.target.startswith("stage 0 ")]
+    assert len(fixed) == 3 and all(layer.inherited == layer.total for layer in fixed)  # stem and layer1: the seed's
+    classes = len(load_model(run / "model.fna.pt")[1].class_names)  # the summary's costs are `fna madds`'s
+    out = CliRunner().invoke(app, ["madds", "--arch", str(run / "arch.json"), "--task", "retinanet", "--size", "64",
+                                   "64", "--classes", str(classes), "--json"])
+    summary = json.loads((run / "summary.json").read_text())
+    assert out.exit_code == 0 and (json.loads(out.stdout)["madds"], json.loads(out.stdout)["params"]) == (
+        summary["madds_data"], summary["params"])
