@@ -23,11 +23,13 @@ def test_task_taps_for_mobilenet_v2():
 
 def test_output_stride_16_dilates_the_160_and_320_stages():
     arch = BUILTIN_ARCHS["mobilenet_v2"]
-    assert stage_dilations(arch, 16) == [(1, 1), (2, 1), (2, 1), (2, 1), (1, 1), (1, 2), (1, 2)]
+    assert stage_dilations(arch, 16) == [(1, 1, 1), (2, 1, 1), (2, 1, 1), (2, 1, 1), (1, 1, 1), (1, 2, 1), (1, 2, 2)]
     net = Backbone(arch, taps=("stage6",), output_stride=16)
     assert net(torch.zeros(1, 3, 64, 64))["stage6"].shape[-2:] == (4, 4)
     dw = net.stages[5][1].depthwise.conv
     assert dw.dilation == (2, 2) and dw.padding == (2, 2) and dw.stride == (1, 1)
+    first = net.stages[5][0].depthwise.conv  # SPEC §2: the first layer's depthwise conv is dilated too
+    assert first.dilation == (2, 2) and first.stride == (1, 1)
 
 
 def test_modules_are_registered_in_forward_order():

@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from seed_helpers import assert_self_remap_exact, calibrated, tiny_adapt
 
 from fna.arch import BUILTIN_ARCHS, Arch, ArchError, Op, SqueezeExcite, Stage, parse_op
-from fna.backbone import Classifier
 from fna.cost import model_cost, task_cost_table
 from fna.ops import MBConv
-from fna.remap import remap_layer, remap_seed
+from fna.remap import remap_layer
 from fna.seeds import SEEDS, SeedError, load_seed, seed_from_model
 from fna.supernet import SearchSpace, StageSpace, SuperBackbone
 from fna.tasks import get_task
@@ -26,18 +26,7 @@ SE_SEEDS = ["mobilenet_v3_large", "mobilenetv3_large_100", "efficientnet_b0"]
 
 
 def _calibrated(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with random BN affine parameters and statistics from one random batch, and a scaled-up
-    classifier, so its logits are far from zero (a random init alone gives ~1e-10)."""
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-            bn.momentum = None  # cumulative average: one batch sets the statistics
-            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
-        model.train()(torch.randn(8, 3, 64, 64))
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        linears[-1].weight.mul_(1000 / linears[-1].weight.abs().max())
-    assert model.eval()(X64).abs().max() > 1
-    return model
+    return calibrated(model, X64)
 
 
 @pytest.fixture(scope="module", params=SE_SEEDS)
@@ -75,13 +64,7 @@ def test_seed_weights_file_loads_as_a_seed(reference, tmp_path):
 def test_se_seed_onto_its_own_architecture_reproduces_its_logits_exactly(reference):
     name, model = reference
     seed = seed_from_model(name, model)
-    target, report = remap_seed(seed, seed.arch)
-    remapped = Classifier(target)
-    head = {k: v for k, v in seed.state_dict.items() if not k.startswith("backbone.")}
-    assert remapped.load_state_dict(head, strict=False).unexpected_keys == []
-    with torch.no_grad():
-        assert torch.equal(remapped.eval()(X64), seed.classifier()(X64))
-    assert report.fraction == 1.0
+    assert_self_remap_exact(seed, X64)
 
 
 @pytest.mark.parametrize("arch,madds,params", [
@@ -193,25 +176,10 @@ def test_fna_seeds_lists_every_seed_and_what_it_needs():
 
 
 def test_fna_adapt_with_an_se_seed_weights_file_runs_end_to_end(tmp_path, one_thread):
-    from typer.testing import CliRunner
-
-    from fna.cli import app
-    from fna.data.demo import write_demo
-
-    write_demo(tmp_path / "data", n_train=6, n_val=2, size=64, seed=3)
     weights = tmp_path / "mnv3.pth"
     torch.save(_calibrated(torchvision.models.mobilenet_v3_large()).state_dict(), weights)
-    space = ",".join(["{max_depth: 2, kernels: [3, 5], expansions: [3, 6]}"] * 5)  # five searched stages
-    result = CliRunner().invoke(app, [
-        "adapt", "--task", "retinanet", "--data", str(tmp_path / "data"), "--format", "coco",
-        "--out", str(tmp_path / "run"), "--seed", "mobilenet_v3_large", "--seed-weights", str(weights),
-        "size=[64,64]", "finetune.iters=2", "finetune.batch_size=2", "search.epochs=2", "search.arch_start_epoch=1",
-        "search.batch_size=2", "search.warmup_iters=0", "search.progress=false", "search.space.name=tiny",
-        f"search.space.stages=[{space}]"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(summary["phases"]) == {"search", "remap", "finetune", "eval"}
-    arch = Arch.from_dict(summary["arch"])
+    arch = tiny_adapt(tmp_path, "mobilenet_v3_large", weights, "{max_depth: 2, kernels: [3, 5], expansions: [3, 6]}",
+                      5)  # five searched stages
     assert arch.se == BUILTIN_ARCHS["mobilenet_v3_large"].se and arch.activation == "hswish"
     assert all(op.endswith("_relu") for op in arch.stages[1].ops if op != "skip")  # the seed's ReLU layers
 

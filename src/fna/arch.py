@@ -1,4 +1,4 @@
-"""Architecture description of an MBConv network (the seed, the target and the search space).
+"""Architecture description of an MBConv network or a ResNet (the seed, the target and the search space).
 
 An architecture is data: a stem width, a list of stages (the first one being the fixed e1 block),
 and the width of the final 1x1 conv. Each stage lists one op name per layer::
@@ -8,11 +8,20 @@ and the width of the final 1x1 conv. Each stage lists one op name per layer::
                              round(E * c_in) channels); ``_se`` adds squeeze-excitation after the
                              depthwise conv (how it squeezes is the architecture's ``se``); ``_{act}``
                              (relu6, relu, hswish, silu) overrides the architecture's activation
+    basic_k{K}_g{G}          ResNet basic block (ours): two KxK convs with G groups, each → BN, ReLU after the
+                             first; + identity (or a 1x1 conv + BN where the layer changes shape); ReLU
+    bottle_k{K}_g{G}         ResNet bottleneck (v1.5, torchvision's): 1x1 to a quarter of the output width →
+                             KxK with G groups, carrying the stride → 1x1 to the output width, each → BN
+                             (ReLU after the first two); + identity or 1x1 conv + BN; ReLU
     skip                     identity; only where the layer keeps its shape (not the first layer of a stage)
 
 So MobileNetV2 reads ``k3_e6``, MobileNetV3 ``k5_e3_se_relu`` (SE, ReLU in a hard-swish network) and
 EfficientNet-B0 ``k5_e6_se``. ``head_channels`` is MobileNetV3's pre-logits layer (a linear layer with
 bias and the activation after global pooling, before the classifier); it only exists in classifiers.
+torchvision's ResNets read ``basic_k3_g1`` (resnet18, resnet34) and ``bottle_k3_g1`` (resnet50, resnet101),
+with a 7x7 stem (``stem_kernel``) followed by a 3x3 stride-2 max-pool (``stem_pool``) and no final 1x1 conv;
+their block widths are fixed by the stage widths, so a grouped ``_g2`` / ``_g4`` block has the width of the
+``_g1`` block (not ResNeXt's wider groups).
 
 The first layer of a stage carries the stage's stride and channel change; later layers are stride 1,
 ``c_out -> c_out``. The description reads and writes JSON and the reference ``net_config`` text of
@@ -35,6 +44,8 @@ from fna.checkpoint import write_text_atomic
 from fna.errors import FnaError
 SKIP = "skip"
 _OP_RE = re.compile(r"^k(\d+)_e(\d+(?:\.\d+)?)(_se)?(?:_([a-z0-9]+))?$")
+_RES_RE = re.compile(r"^(basic|bottle)_k(\d+)_g(\d+)$")
+RESIDUAL_KINDS = ("basic", "bottle")
 ACTIVATIONS = ("relu6", "relu", "hswish", "silu")
 GATES = ("sigmoid", "hardsigmoid")
 
@@ -105,15 +116,93 @@ class Op:
         """An op of another kernel and expansion with this one's squeeze-excitation and activation."""
         return replace(self, kernel=kernel, expansion=expansion)
 
+    @property
+    def tag(self) -> str:
+        """What besides the kernel tells it apart, for plots: ``e6``."""
+        return f"e{_decimal(self.expansion)}"
 
-def parse_op(name: str) -> Op | None:
-    """Decode ``k{K}_e{E}[_se][_{act}]`` into an :class:`Op`; ``skip`` gives ``None``."""
+    @property
+    def scale(self) -> float:
+        """How big it is besides the kernel, for plots: the expansion."""
+        return float(self.expansion)
+
+
+@dataclass(frozen=True)
+class ResOp:
+    """One ResNet layer: a ``basic`` block or a ``bottle`` (bottleneck) block whose KxK convs have
+    ``groups`` groups (widths fixed by the stage: a bottleneck's middle width is ``c_out // 4``)."""
+
+    kind: str
+    kernel: int
+    groups: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_k{self.kernel}_g{self.groups}"
+
+    def like(self, kernel: int, groups: int) -> ResOp:
+        """A block of the same kind with another kernel and number of groups."""
+        return replace(self, kernel=kernel, groups=groups)
+
+    def width(self, c_out: int) -> int:
+        """The width of its KxK convs' output in a layer of ``c_out`` output channels."""
+        return c_out // 4 if self.kind == "bottle" else c_out
+
+    def __post_init__(self) -> None:
+        if self.kind not in RESIDUAL_KINDS:
+            raise ArchError(f"ResNet block kind {self.kind!r}: expected one of {RESIDUAL_KINDS}")
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ArchError(f"kernel size must be odd and >= 1, got {self.kernel!r}")
+        if isinstance(self.groups, bool) or not isinstance(self.groups, int) or self.groups < 1:
+            raise ArchError(f"the number of groups must be >= 1, got {self.groups!r}")
+
+    def grouped_widths(self, c_in: int, c_out: int) -> tuple[int, ...]:
+        """The channel counts its grouped convs split into ``groups`` (each must divide by it)."""
+        w = self.width(c_out)
+        return (c_in, w) if self.kind == "basic" else (w,)
+
+    def split_error(self, c_in: int, c_out: int) -> str | None:
+        """Why it cannot be built on ``c_in`` → ``c_out`` channels (``18 channels do not split into 4 groups``),
+        or ``None`` when it can."""
+        bad = [c for c in self.grouped_widths(c_in, c_out) if c % self.groups]
+        return f"{bad[0]} channels do not split into {self.groups} groups" if bad else None
+
+    @property
+    def tag(self) -> str:
+        """What besides the kernel tells it apart, for plots: ``g2``."""
+        return f"g{self.groups}"
+
+    @property
+    def scale(self) -> float:
+        """How big it is besides the kernel, for plots: one over the number of groups."""
+        return 1.0 / self.groups
+
+
+AnyOp = Op | ResOp
+
+
+def op_family(op: AnyOp) -> str:
+    """``MBConv``, ``basic`` or ``bottle``: layers of one family can take each other's weights."""
+    return op.kind if isinstance(op, ResOp) else "MBConv"
+
+
+def parse_op(name: str) -> AnyOp | None:
+    """Decode ``k{K}_e{E}[_se][_{act}]`` into an :class:`Op`, ``basic|bottle_k{K}_g{G}`` into a
+    :class:`ResOp`; ``skip`` gives ``None``."""
     if name == SKIP:
         return None
+    r = _RES_RE.match(name)
+    if r:
+        if any(len(g) > 6 for g in r.group(2, 3)):
+            raise ArchError(f"op {name[:24]}...: kernel size and groups must have at most 6 digits")
+        try:
+            return ResOp(r.group(1), int(r.group(2)), int(r.group(3)))
+        except ArchError as e:
+            raise ArchError(f"op {name!r}: {e}") from None
     m = _OP_RE.match(name)
     if not m:
         raise ArchError(f"unknown op {name!r}: expected 'k<K>_e<E>[_se][_<activation>]' (e.g. 'k3_e6', "
-                        "'k5_e3_se_relu') or 'skip'")
+                        "'k5_e3_se_relu'), '<basic|bottle>_k<K>_g<G>' (e.g. 'bottle_k3_g1') or 'skip'")
     try:
         kernel = int(m.group(1))
         expansion = int(m.group(2)) if "." not in m.group(2) else float(m.group(2))
@@ -188,9 +277,10 @@ class Stage:
 
 @dataclass(frozen=True)
 class Arch:
-    """An MBConv network: stem conv, stages (``stages[0]`` is the fixed first block), final 1x1 conv.
+    """An MBConv network or a ResNet: stem conv, stages (``stages[0]`` is the fixed first block), final 1x1 conv.
 
-    ``final_channels == 0`` means the network has no final 1x1 conv.
+    ``final_channels == 0`` means the network has no final 1x1 conv. ``stem_kernel`` is the stem conv's
+    kernel, ``stem_pool`` a 3x3 stride-2 max-pool after it (ResNet's).
     """
 
     stages: tuple[Stage, ...]
@@ -202,6 +292,8 @@ class Arch:
     in_channels: int = 3
     se: SqueezeExcite | None = None  # how the ``_se`` layers squeeze; None: no layer has SE
     head_channels: int = 0  # pre-logits linear layer of a classifier (MobileNetV3's 1280); 0: none
+    stem_kernel: int = 3
+    stem_pool: bool = False  # a 3x3 stride-2 max-pool after the stem conv (ResNet)
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -221,6 +313,10 @@ class Arch:
             raise ArchError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
         _at_least(self.final_channels, 0, "final_channels (0: no final 1x1 conv)")
         _at_least(self.head_channels, 0, "head_channels (0: no pre-logits layer)")
+        if _int(self.stem_kernel, "stem_kernel") < 1 or self.stem_kernel % 2 == 0:
+            raise ArchError(f"stem_kernel must be odd and >= 1, got {self.stem_kernel}")
+        if not isinstance(self.stem_pool, bool):
+            raise ArchError(f"stem_pool must be true or false, got {self.stem_pool!r}")
         if self.se is not None and not isinstance(self.se, SqueezeExcite):
             raise ArchError(f"se must describe the squeeze-excitation, got {self.se!r}")
         if isinstance(self.bn_eps, bool) or not isinstance(self.bn_eps, (int, float)) \
@@ -249,7 +345,13 @@ class Arch:
                     raise ArchError(f"{where} layer {j}: {e}") from None
                 if parsed is None and (c_in != c_out or stride != 1):
                     raise ArchError(f"{where} layer {j}: 'skip' is only allowed where the layer keeps its shape")
-                if parsed is not None and parsed.se and self.se is None:
+                if isinstance(parsed, ResOp):
+                    bad = parsed.split_error(c_in, c_out)
+                    if bad:
+                        raise ArchError(f"{where} layer {j}: op {op!r}: {bad}")
+                    if parsed.kind == "bottle" and c_out < 4:
+                        raise ArchError(f"{where} layer {j}: op {op!r}: a bottleneck needs >= 4 output channels")
+                elif parsed is not None and parsed.se and self.se is None:
                     raise ArchError(f"{where} layer {j}: op {op!r} has squeeze-excitation, but the architecture "
                                     "gives no 'se' (how its layers squeeze)")
             prev = stage.c_out
@@ -259,9 +361,14 @@ class Arch:
     def out_channels(self) -> int:
         return self.final_channels or self.stages[-1].c_out
 
+    @property
+    def input_stride(self) -> int:
+        """Cumulative stride at the input of the first stage: the stem conv's, times 2 with the max-pool."""
+        return self.stem_stride * (2 if self.stem_pool else 1)
+
     def stage_strides(self) -> list[int]:
         """Cumulative stride at the output of each stage."""
-        out, s = [], self.stem_stride
+        out, s = [], self.input_stride
         for stage in self.stages:
             s *= stage.stride
             out.append(s)
@@ -291,11 +398,11 @@ class Arch:
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data; ``se`` and ``head_channels`` only when set, so MBConv files without them read
-        as they always did."""
+        """Plain JSON data; ``se``, ``head_channels``, ``stem_kernel`` and ``stem_pool`` only when set, so
+        MBConv files without them read as they always did."""
         d = asdict(self)
         d["stages"] = [{**asdict(s), "ops": list(s.ops)} for s in self.stages]
-        for key, unset in (("se", None), ("head_channels", 0)):
+        for key, unset in (("se", None), ("head_channels", 0), ("stem_kernel", 3), ("stem_pool", False)):
             if d[key] == unset:
                 del d[key]
         return d
@@ -312,12 +419,12 @@ class Arch:
                         ops, _whole(dilation, f"stage {i} dilation"))
                   for i, (c_in, c_out, stride, ops, dilation) in enumerate(entries)]
         known = {"stem_channels", "stem_stride", "final_channels", "activation", "bn_eps", "in_channels", "se",
-                 "head_channels", "name"}
+                 "head_channels", "stem_kernel", "stem_pool", "name"}
         unknown = set(d) - known - {"stages"}
         if unknown:
             raise ArchError(f"unknown architecture fields: {sorted(unknown)}")
         fields = {k: d[k] for k in known if k in d and not (k in ("name", "se") and d[k] is None)}
-        for k in ("stem_channels", "stem_stride", "final_channels", "in_channels", "head_channels"):
+        for k in ("stem_channels", "stem_stride", "final_channels", "in_channels", "head_channels", "stem_kernel"):
             if k in fields:
                 fields[k] = _whole(fields[k], k)
         if isinstance(fields.get("se"), dict):
@@ -426,6 +533,15 @@ def _efficientnet_b0() -> Arch:
         se=SqueezeExcite(from_input=True, divisor=1, activation="silu", gate="sigmoid"), name="efficientnet_b0")
 
 
+def _resnet(block: str, depths: tuple[int, ...], name: str) -> Arch:
+    """torchvision's ResNet: 7x7 stride-2 stem → BN → ReLU → 3x3 stride-2 max-pool, four stages of ``block``
+    (``basic``: widths 64..512, ``bottle``: 256..2048), no final 1x1 conv."""
+    widths = (64, 128, 256, 512) if block == "basic" else (256, 512, 1024, 2048)
+    return Arch(stages=_chain(64, [(w, 1 if i == 0 else 2, [f"{block}_k3_g1"] * n)
+                                   for i, (w, n) in enumerate(zip(widths, depths))]),
+                stem_channels=64, stem_kernel=7, stem_pool=True, final_channels=0, activation="relu", name=name)
+
+
 BUILTIN_ARCHS: dict[str, Arch] = {
     "mobilenet_v2": _mbv2_like([["k3_e6"] * n for n in (2, 3, 4, 3, 3, 1)], "mobilenet_v2"),
     "fna_deeplabv3": _mbv2_like([
@@ -452,6 +568,10 @@ BUILTIN_ARCHS: dict[str, Arch] = {
     "mobilenet_v3_large": _mobilenet_v3_large(1e-3, "mobilenet_v3_large"),  # torchvision (BN eps 1e-3)
     "mobilenetv3_large_100": _mobilenet_v3_large(1e-5, "mobilenetv3_large_100"),  # timm (BN eps 1e-5)
     "efficientnet_b0": _efficientnet_b0(),  # timm's and torchvision's
+    "resnet18": _resnet("basic", (2, 2, 2, 2), "resnet18"),  # torchvision's
+    "resnet34": _resnet("basic", (3, 4, 6, 3), "resnet34"),
+    "resnet50": _resnet("bottle", (3, 4, 6, 3), "resnet50"),
+    "resnet101": _resnet("bottle", (3, 4, 23, 3), "resnet101"),
 }
 
 

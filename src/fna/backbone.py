@@ -1,7 +1,8 @@
 """The one backbone builder: an :class:`~fna.arch.Arch` becomes an ``nn.Module`` returning feature taps.
 
-:class:`TapBackbone` builds stem conv → stages → final 1x1 conv, asking a *layer factory* for the module
-at each MBConv position: :class:`Backbone` makes a plain :class:`~fna.ops.MBConv` per op,
+:class:`TapBackbone` builds stem conv [→ max-pool] → stages → final 1x1 conv, asking a *layer factory* for the
+module at each layer position: :class:`Backbone` makes a plain :class:`~fna.ops.MBConv` or
+:class:`~fna.ops.ResBlock` per op,
 :class:`~fna.supernet.SuperBackbone` a mixed layer per candidate list. While building it records, like
 timm's ``feature_info``, one :class:`LayerInfo` per layer (module, channels, stride, dilation and the
 cumulative stride of its input) and one :class:`FeatureInfo` per tap (module, channels, stride), so
@@ -13,12 +14,17 @@ Taps (parsed only by :func:`parse_tap`, written only by :attr:`Tap.name`):
 * ``"stage{i}"`` — the output of stage ``i`` (``stages[0]`` is the fixed first block);
 * ``"expand{i}"`` — inside the first layer of stage ``i``: its expand conv + BN + activation
   (the SSDLite tap, 576 channels at stride 16 on MobileNetV2);
-* ``"final"`` — the final 1x1 conv (1280 channels on MobileNetV2).
+* ``"final"`` — the final 1x1 conv (1280 channels on MobileNetV2), or the last stage's output in a network
+  without one (a ResNet's C5).
 
 Stages after the last tapped one are not built, the final 1x1 conv only when ``"final"`` is tapped.
 ``output_stride`` turns strides beyond it into dilation (DeepLabv3 OS16: the 160 and 320 stages run at
-stride 1, dilation 2). Modules are registered in forward order: ``stem``, ``stages[i][j]``
-(expand → depthwise → project), ``final``. Skip layers are identities and are not built.
+stride 1, dilation 2, the first layer's depthwise conv included, SPEC §2; a ResNet's last stage likewise,
+except that the first block's formerly strided KxK conv keeps the dilation before the stage's — torchvision's
+``replace_stride_with_dilation``, the exact à-trous equivalent: C5 at OS16 sampled ``[::2, ::2]`` is C5 at
+OS32). Modules are registered in forward order: ``stem`` (conv, bn, act [, pool]),
+``stages[i][j]`` (expand → depthwise → project, or conv1 → conv2 → [conv3] → downsample), ``final``. Skip
+layers are identities and are not built.
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fna.arch import SKIP, Arch, ArchError, parse_op
-from fna.ops import ConvBNAct, MBConv, make_activation
+from fna.arch import SKIP, Arch, ArchError, Op, parse_op
+from fna.ops import BLOCKS, ConvBNAct, MBConv, ResBlock, make_activation
 
 _TAP_RE = re.compile(r"^(stage|expand)(\d+)$")
 
@@ -70,9 +76,12 @@ class LayerInfo:
     """One built layer as recorded by the builder.
 
     ``module`` is its name in the backbone (``stem``, ``stages.{i}.{j}``, ``final``); ``position``
-    ``(i, j)`` and ``ops`` (its op, or a mixed layer's candidates) are set for MBConv positions only.
+    ``(i, j)`` and ``ops`` (its op, or a mixed layer's candidates) are set for stage layers only.
     ``stride`` and ``dilation`` are its own (after the output-stride conversion), ``in_stride`` the
-    cumulative stride of its input.
+    cumulative stride of its input. ``first_dilation`` is the dilation of a ResNet block's strided KxK conv:
+    in the first layer of a stage whose stride became dilation, the dilation before that stage's
+    (``None``: ``dilation``); ``arch_stride`` the layer's stride in the architecture, before the conversion
+    (``None``: ``stride``), which decides a ResNet block's downsample. MBConv layers use neither.
     """
 
     module: str
@@ -83,6 +92,14 @@ class LayerInfo:
     in_stride: int
     position: tuple[int, int] | None = None
     ops: tuple[str, ...] = ()
+    first_dilation: int | None = None
+    arch_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.first_dilation is None:
+            object.__setattr__(self, "first_dilation", self.dilation)
+        if self.arch_stride is None:
+            object.__setattr__(self, "arch_stride", self.stride)
 
     def input_shape(self, size: Sequence[int], batch: int = 1) -> tuple[int, int, int, int]:
         """Shape of this layer's input for an image of ``size`` (H, W)."""
@@ -113,34 +130,42 @@ def layer_module(stage: int, index: int) -> str:
     return f"stages.{stage}.{index}"
 
 
-def mbconv(info: LayerInfo, op: str, arch: Arch, bn_affine: bool = True) -> MBConv:
-    """The MBConv ``op`` at ``info``'s position of ``arch`` (its activation, BN eps and SE rule)."""
-    return MBConv(info.c_in, info.c_out, parse_op(op), info.stride, info.dilation, arch.activation,
-                  bn_affine=bn_affine, bn_eps=arch.bn_eps, se=arch.se)
+def make_layer(info: LayerInfo, op: str, arch: Arch, bn_affine: bool = True) -> MBConv | ResBlock:
+    """The layer ``op`` (an MBConv or a ResNet block) at ``info``'s position of ``arch`` (its activation,
+    BN eps and SE rule)."""
+    parsed = parse_op(op)
+    if isinstance(parsed, Op):
+        return MBConv(info.c_in, info.c_out, parsed, info.stride, info.dilation, arch.activation,
+                      bn_affine=bn_affine, bn_eps=arch.bn_eps, se=arch.se)
+    return ResBlock(info.c_in, info.c_out, parsed, info.stride, info.dilation, arch.activation,
+                    bn_affine=bn_affine, bn_eps=arch.bn_eps, first_dilation=info.first_dilation,
+                    arch_stride=info.arch_stride)
 
 
-def plain_layer(info: LayerInfo, arch: Arch) -> MBConv:
-    """The layer factory of :class:`Backbone`: the MBConv of the position's one op."""
+def plain_layer(info: LayerInfo, arch: Arch) -> MBConv | ResBlock:
+    """The layer factory of :class:`Backbone`: the layer of the position's one op."""
     (op,) = info.ops
-    return mbconv(info, op, arch)
+    return make_layer(info, op, arch)
 
 
 def run_plain(info: LayerInfo, layer: nn.Module, x: torch.Tensor, want_hidden: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a plain MBConv layer: its output and, when ``want_hidden``, its expand activation."""
+    """Run a plain layer: its output and, when ``want_hidden``, its expand activation."""
     return layer.forward_with_hidden(x) if want_hidden else (layer(x), None)
 
 
-def stage_dilations(arch: Arch, output_stride: int | None) -> list[tuple[int, int]]:
-    """Per stage ``(stride, dilation)`` after converting strides beyond ``output_stride`` to dilation."""
-    out, current, dilation = [], arch.stem_stride, 1
+def stage_dilations(arch: Arch, output_stride: int | None) -> list[tuple[int, int, int]]:
+    """Per stage ``(stride, dilation, first_dilation)`` after converting strides beyond ``output_stride`` to
+    dilation; ``first_dilation`` is the dilation before the stage's conversion (what the conv that carried
+    the stride keeps in a ResNet block, see :class:`LayerInfo`)."""
+    out, current, dilation = [], arch.input_stride, 1
     for stage in arch.stages:
-        stride = stage.stride
+        stride, before = stage.stride, dilation
         if output_stride is not None and current * stride > output_stride:
             dilation *= stride
             stride = 1
         current *= stride
-        out.append((stride, dilation * stage.dilation))
+        out.append((stride, dilation * stage.dilation, before * stage.dilation))
     return out
 
 
@@ -164,13 +189,15 @@ def _tap_feature(tap: Tap, arch: Arch, per_stage: Sequence[Sequence[LayerInfo]],
     """Where ``tap`` is read, its channels and stride; :class:`ArchError` for an expand tap on a layer
     without an expand conv (or, in a mixed layer, with more than one width)."""
     if tap.kind == "final":
+        if not arch.final_channels:
+            return FeatureInfo(tap, ends[-1][0], arch.stages[-1].c_out, ends[-1][1])
         return FeatureInfo(tap, "final", arch.final_channels, ends[-1][1])
     if tap.kind == "stage":
         module, stride = ends[tap.stage]
         return FeatureInfo(tap, module, arch.stages[tap.stage].c_out, stride)
     first = per_stage[tap.stage][0] if per_stage[tap.stage] else None
     ops = [parse_op(o) for o in first.ops] if first is not None else []
-    if not ops or any(op is None or op.expansion == 1 for op in ops):
+    if not ops or any(not isinstance(op, Op) or op.expansion == 1 for op in ops):
         raise ArchError(f"tap {tap.name!r}: the first layer of stage {tap.stage} has no expand conv")
     widths = {op.hidden(first.c_in) for op in ops}
     if len(widths) > 1:
@@ -180,13 +207,14 @@ def _tap_feature(tap: Tap, arch: Arch, per_stage: Sequence[Sequence[LayerInfo]],
 
 
 class TapBackbone(nn.Module):
-    """Stem → stages → final conv of ``arch``, the MBConv positions made by ``factory``; returns the taps.
+    """Stem → stages → final conv of ``arch``, the layer positions made by ``factory``; returns the taps.
 
     ``stage_ops[i][j]`` is what layer ``j`` of stage ``i`` computes (one op, or a mixed layer's
     candidates; skips already dropped). Attributes: ``taps``, ``output_stride``, ``layer_info`` (forward
     order), ``feature_info`` and ``out_channels`` (both in tap order), ``head_channels`` and
     ``activation`` (what a classifier puts after pooling), modules ``stem``, ``stages``
-    (``nn.Sequential`` of plain layers, else ``nn.ModuleList``) and ``final`` (``None`` unless tapped).
+    (``nn.Sequential`` of plain layers, else ``nn.ModuleList``) and ``final`` (``None`` unless tapped and the
+    architecture has a final 1x1 conv).
     The weights are initialised (:func:`init_weights`).
     """
 
@@ -197,28 +225,27 @@ class TapBackbone(nn.Module):
         self.output_stride = output_stride
         parsed = [parse_tap(t, len(arch.stages)) for t in dict.fromkeys(self.taps)]
         built = max((t.stage for t in parsed), default=len(arch.stages) - 1) + 1
-        has_final = any(t.kind == "final" for t in parsed)
-        if has_final and not arch.final_channels:
-            raise ArchError("tap 'final' asked for, but the architecture has no final 1x1 conv")
+        has_final = any(t.kind == "final" for t in parsed) and arch.final_channels > 0
 
         # plan: every layer's info, and where each stage's output comes from (module, stride)
-        stride = arch.stem_stride
+        stride = arch.input_stride
         per_stage: list[tuple[LayerInfo, ...]] = []
         ends: list[tuple[str, int]] = []
         last = "stem"
-        for i, (stage, (s, d), ops) in enumerate(zip(arch.stages[:built], stage_dilations(arch, output_stride),
-                                                     stage_ops)):
+        for i, (stage, (s, d, d0), ops) in enumerate(zip(arch.stages[:built], stage_dilations(arch, output_stride),
+                                                         stage_ops)):
             infos = []
             for j, names in enumerate(ops):
                 first = j == 0
                 infos.append(LayerInfo(layer_module(i, j), stage.c_in if first else stage.c_out, stage.c_out,
-                                       s if first else 1, d, stride, (i, j), tuple(names)))
+                                       s if first else 1, d, stride, (i, j), tuple(names), d0 if first else d,
+                                       stage.stride if first else 1))
                 stride *= s if first else 1
                 last = infos[-1].module
             per_stage.append(tuple(infos))
             ends.append((last, stride))  # an empty (all-skip) stage passes the previous output on
         self.feature_info = tuple(_tap_feature(t, arch, per_stage, ends) for t in parsed)
-        self.layer_info = (LayerInfo("stem", arch.in_channels, arch.stem_channels, arch.stem_stride, 1, 1),
+        self.layer_info = (LayerInfo("stem", arch.in_channels, arch.stem_channels, arch.input_stride, 1, 1),
                            *(info for infos in per_stage for info in infos),
                            *([LayerInfo("final", arch.stages[-1].c_out, arch.final_channels, 1, 1, stride)]
                              if has_final else []))
@@ -231,11 +258,13 @@ class TapBackbone(nn.Module):
 
         # build, in forward order
         norm = dict(activation=arch.activation, bn_eps=arch.bn_eps)
-        self.stem = ConvBNAct(arch.in_channels, arch.stem_channels, 3, arch.stem_stride, **norm)
+        self.stem = ConvBNAct(arch.in_channels, arch.stem_channels, arch.stem_kernel, arch.stem_stride, **norm)
+        if arch.stem_pool:
+            self.stem.add_module("pool", nn.MaxPool2d(3, 2, 1))
         stages = []
         for infos in per_stage:
             made = [factory(info, arch) for info in infos]
-            stages.append(nn.Sequential(*made) if all(isinstance(m, MBConv) for m in made) else nn.ModuleList(made))
+            stages.append(nn.Sequential(*made) if all(isinstance(m, BLOCKS) for m in made) else nn.ModuleList(made))
         self.stages = nn.ModuleList(stages)
         self.final = ConvBNAct(arch.stages[-1].c_out, arch.final_channels, 1, **norm) if has_final else None
         init_weights(self)
@@ -256,13 +285,13 @@ class TapBackbone(nn.Module):
                     feats[tap] = hidden
             if i in self._stage_taps:
                 feats[self._stage_taps[i]] = x
-        if self.final is not None:
-            feats[self._final_tap] = self.final(x)
+        if self._final_tap is not None:
+            feats[self._final_tap] = self.final(x) if self.final is not None else x
         return OrderedDict((t, feats[t]) for t in self.out_channels)
 
 
 class Backbone(TapBackbone):
-    """MBConv backbone built from an :class:`Arch`; ``forward`` returns the requested taps."""
+    """Backbone built from an :class:`Arch` (MBConv or ResNet); ``forward`` returns the requested taps."""
 
     def __init__(self, arch: Arch, taps: Sequence[str] = ("final",), output_stride: int | None = None) -> None:
         super().__init__(arch, taps, output_stride, [[(o,) for o in s.ops if o != SKIP] for s in arch.stages],
@@ -309,8 +338,14 @@ def stride_taps(arch: Arch, strides: Sequence[int]) -> tuple[str, ...]:
 
 
 def ssdlite_taps(arch: Arch) -> tuple[str, str]:
-    """SSDLite taps: inside the first layer that reaches stride 32 (its expand output), and the final conv."""
+    """SSDLite taps: inside the first layer that reaches stride 32 (its expand output), and the final conv.
+
+    A ResNet's first stride-32 layer has no expand conv: it taps the output of the last stride-16 stage
+    (C4) and ``final``, the last stage's output (C5) — ours.
+    """
     for i, s in enumerate(arch.stage_strides()):
         if s == 32 and arch.stages[i].stride == 2:
+            if not isinstance(parse_op(arch.stages[i].ops[0]), Op):
+                return stride_taps(arch, (16,))[0], Tap("final", len(arch.stages) - 1).name
             return Tap("expand", i).name, Tap("final", len(arch.stages) - 1).name
     raise ArchError("SSDLite needs a stage that downsamples to stride 32")

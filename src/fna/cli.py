@@ -64,12 +64,15 @@ def archs() -> None:
 @app.command()
 def seeds() -> None:
     """List the seed networks, their layers and what each needs for its ImageNet weights."""
+    from fna.arch import SKIP, op_family, parse_op
     from fna.seeds import SEEDS, find_weights
 
+    blocks = {"basic": ", basic blocks", "bottle": ", bottleneck blocks", "MBConv": ""}
     for name, spec in SEEDS.items():
         path, arch = find_weights(spec), spec.arch
-        layers = (f"{arch.activation}{', squeeze-excite' if arch.se else ''}" if arch
-                  else "layers read from its module tree")
+        kinds = {op_family(parse_op(o)) for s in arch.stages for o in s.ops if o != SKIP} if arch else set()
+        layers = (f"{arch.activation}{', squeeze-excite' if arch.se else ''}"
+                  f"{''.join(blocks[k] for k in sorted(kinds))}" if arch else "layers read from its module tree")
         console.print(f"[bold]{name}[/] ({spec.library} {name}; {layers})", highlight=False)
         console.print(f"  weights: {path}" if path else f"  weights: {spec.needs()}", highlight=False)
 

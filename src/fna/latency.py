@@ -2,8 +2,9 @@
 
 A latency table measures, for one task at one input size on one device/backend/thread count:
 
-* every candidate op of every searched position (``s{i}.l{j}.{op}``), as a standalone MBConv with its
-  real input shape there (stride and, for segmentation at OS16, dilation as in the super network);
+* every candidate op of every searched position (``s{i}.l{j}.{op}``), as a standalone layer (MBConv or
+  ResNet block) with its real input shape there (stride and, for segmentation at OS16, dilation as in
+  the super network);
 * the fixed parts once: ``stem`` (stem conv + first block), ``final`` (the final 1x1 conv, when the task
   taps it) and ``head`` (the task's neck and head on the backbone's tap maps);
 * ``overhead``: one call of an (almost) empty graph. Every part's median includes this per-call cost of
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from fna.arch import SKIP, Arch, get_arch
-from fna.backbone import Backbone, mbconv
+from fna.backbone import Backbone, make_layer
 from fna.checkpoint import write_text_atomic
 from fna.cost import CostTable
 from fna.errors import FnaError
@@ -217,7 +218,7 @@ def table_parts(settings: LatencySettings) -> tuple[list[Part], list[list[list[s
             continue
         for name in (n for n in info.ops if n != SKIP):
             parts.append(Part(entry_name(*info.position, name),
-                              lambda info=info, name=name: mbconv(info, name, a),
+                              lambda info=info, name=name: make_layer(info, name, a),
                               [info.input_shape(size)]))
     return parts, [[list(n) for n in layers] for layers in backbone.candidates]
 

@@ -1,7 +1,8 @@
 """Parameter remapping (SPEC §3): seed weights → a target architecture or the super network.
 
 The rules are applied per tensor, walking both networks structurally — stem, stage *i* layer *l*
-role (``expand`` / ``depthwise`` / ``se`` / ``project``), final conv — never by rewriting key strings:
+role (MBConv: ``expand`` / ``depthwise`` / ``se`` / ``project``; ResNet block: ``conv1`` / ``conv2`` /
+``conv3`` / ``downsample``), final conv — never by rewriting key strings:
 
 * **Depth** — layer ``l`` of stage ``i`` takes seed layer ``min(l, n_i - 1)`` of the same stage
   (:func:`depth_source`). Skip layers are not built, so the ``m`` non-skip layers of a target stage
@@ -13,6 +14,15 @@ role (``expand`` / ``depthwise`` / ``se`` / ``project``), final conv — never b
   the fresh init (γ 1, β 0, mean 0, var 1).
 * **Kernel** (centre) — a larger target kernel holds the seed kernel in its centre with a zero ring
   (3→5 at ``[1:4, 1:4]``); a smaller one takes the centre crop.
+* **Groups** (ours, for FNA++'s group search) — a conv with ``g`` groups is read as the dense conv
+  ``[O, C_in, kh, kw]`` it equals, zero outside its ``g`` diagonal blocks. The seed conv in that dense form
+  takes the width and kernel rules, and the target keeps its own diagonal blocks: output filter ``o`` of
+  target group ``j`` gets seed filter ``o``'s weights on the input channels of group ``j``
+  (``[j·C_in/g_t, (j+1)·C_in/g_t)``), zero where the seed filter had none. So 1 → 2 or 4 groups keeps
+  each filter's own block of a dense seed conv, and 2 or 4 → 1 group gives each filter its seed weights
+  with zeros on the other groups' channels (the same function, with the grouped target's extra
+  connections at zero). A depthwise conv (one channel per group) is this rule with ``g = C``, which is
+  first-k on its filters.
 * **Squeeze-excitation** moves with its layer: its ``reduce`` weight ``[R, hidden]`` and ``expand``
   weight ``[hidden, R]`` follow the expanded width first-k (and R, where the family's squeezed width
   depends on it), biases their leading entries; uncovered entries are zero.
@@ -25,6 +35,7 @@ make its activation's gradient vanish. BN that has no affine parameters and no r
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,13 +44,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fna.arch import Arch
+from fna.arch import SKIP, Arch, op_family, parse_op
 from fna.backbone import Backbone
 from fna.errors import FnaError
-from fna.ops import ConvBNAct, MBConv, SqueezeExcite
+from fna.ops import ConvBNAct, MBConv, ResBlock, SqueezeExcite
 from fna.seeds import Seed
 
-ROLES = ("expand", "depthwise", "se", "project")
 BN_FRESH = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
 
 
@@ -72,6 +82,32 @@ def remap_conv_weight(src: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return out
 
 
+def dense_conv_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A conv weight ``[O, I/g, kh, kw]`` of ``groups`` groups as the dense ``[O, I, kh, kw]`` it equals
+    (zero outside its diagonal blocks)."""
+    o, per_group = w.shape[:2]
+    dense = w.new_zeros((o, per_group * groups, *w.shape[2:]))
+    step = o // groups
+    for j in range(groups):
+        dense[j * step:(j + 1) * step, j * per_group:(j + 1) * per_group] = w[j * step:(j + 1) * step]
+    return dense
+
+
+def grouped_conv_weight(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The ``[O, I/g, kh, kw]`` weight of a conv with ``groups`` groups: each group's diagonal block of
+    the dense weight ``[O, I, kh, kw]``."""
+    step, per_group = dense.shape[0] // groups, dense.shape[1] // groups
+    return torch.cat([dense[j * step:(j + 1) * step, j * per_group:(j + 1) * per_group] for j in range(groups)])
+
+
+def remap_grouped_conv_weight(src: torch.Tensor, src_groups: int, shape: Sequence[int], groups: int
+                              ) -> torch.Tensor:
+    """``src`` (a conv of ``src_groups`` groups) fitted to ``shape`` with ``groups`` groups: the groups rule
+    (module doc) around the width and kernel rules of :func:`remap_conv_weight`."""
+    dense = remap_conv_weight(dense_conv_weight(src, src_groups), (shape[0], shape[1] * groups, *shape[2:]))
+    return grouped_conv_weight(dense, groups)
+
+
 def remap_bn_vector(src: torch.Tensor, size: int, fresh: float) -> torch.Tensor:
     """Leading ``min(size, len(src))`` entries of ``src``; the rest ``fresh``."""
     out = torch.full((size,), fresh, dtype=src.dtype)
@@ -88,7 +124,8 @@ class TensorReport:
 
     ``actions``: ``copied`` (same shape), ``cropped`` (some dim smaller: first-k or centre crop),
     ``zero-filled`` (conv, some dim larger), ``fresh-filled`` (BN, longer: new entries at the fresh
-    init), ``fresh`` (nothing in the seed to take). Depth duplication is a property of the layer.
+    init), ``regrouped`` (conv of other groups: the groups rule), ``fresh`` (nothing in the seed to take).
+    Depth duplication is a property of the layer.
     """
 
     name: str
@@ -211,18 +248,28 @@ def remap_conv_bn(src: ConvBNAct | None, dst: ConvBNAct, role: str) -> list[Tens
     """Remap one conv → BN pair. ``src=None`` leaves ``dst`` at its init (reported ``fresh``).
 
     BN tensors ``dst`` lacks (no affine parameters / running statistics) are skipped; ones the source
-    lacks get the fresh init.
+    lacks get the fresh init. Convs of other groups than the source's take the groups rule (``regrouped``).
     """
     reports = []
     w = dst.conv.weight
     if src is None:
         reports.append(TensorReport(f"{role}.conv.weight", None, tuple(w.shape), ("fresh",), 0, True))
     else:
-        w.copy_(remap_conv_weight(src.conv.weight, w.shape))
         s = tuple(src.conv.weight.shape)
-        inherited = math.prod(min(a, b) for a, b in zip(s, w.shape))
-        reports.append(TensorReport(f"{role}.conv.weight", s, tuple(w.shape), _actions(s, w.shape, "zero-filled"),
-                                    inherited, True))
+        gs, gd = src.conv.groups, dst.conv.groups
+        depthwise = all(c.groups == c.in_channels == c.out_channels for c in (src.conv, dst.conv))
+        if gs == gd == 1 or depthwise:  # the groups rule is first-k on both
+            w.copy_(remap_conv_weight(src.conv.weight, w.shape))
+            inherited = math.prod(min(a, b) for a, b in zip(s, w.shape))
+            actions = _actions(s, w.shape, "zero-filled")
+        else:
+            w.copy_(remap_grouped_conv_weight(src.conv.weight, gs, w.shape, gd))
+            ones = torch.ones(s, dtype=torch.bool, device=w.device)
+            inherited = int(remap_grouped_conv_weight(ones, gs, w.shape, gd).sum())
+            dense_s, dense_d = (s[0], s[1] * gs, *s[2:]), (w.shape[0], w.shape[1] * gd, *w.shape[2:])
+            actions = tuple(a for a in ("regrouped",) * (gs != gd) + _actions(dense_s, dense_d, "zero-filled")
+                            if a != "copied" or gs == gd)
+        reports.append(TensorReport(f"{role}.conv.weight", s, tuple(w.shape), actions, inherited, True))
     for name, fresh in BN_FRESH.items():
         t = getattr(dst.bn, name)
         if t is None:
@@ -263,15 +310,20 @@ def remap_se(src: SqueezeExcite | None, dst: SqueezeExcite) -> list[TensorReport
             *remap_linear(src.expand if src is not None else None, dst.expand, "se.expand")]
 
 
-def remap_layer(src: MBConv, dst: MBConv) -> LayerReport:
-    """Remap seed layer ``src`` into target layer ``dst`` role by role (width and kernel rules).
+def remap_layer(src: MBConv | ResBlock, dst: MBConv | ResBlock) -> LayerReport:
+    """Remap seed layer ``src`` into target layer ``dst`` role by role (width, kernel and groups rules).
 
-    A source without an expand conv (``e1``) or without SE leaves the target's at its init
+    Both must be of one family (MBConv, basic or bottleneck block; :class:`RemapError` otherwise). A
+    source without an expand conv (``e1``), SE or downsample leaves the target's at its init
     (``fresh``); a target without one simply does not take the source's. Works for super-network
     candidates, whose BN has nothing to remap.
     """
+    family, source = op_family(dst.op), op_family(src.op)
+    if family != source:
+        raise RemapError(f"a {family} layer ({dst.op.name}) cannot take the weights of a {source} layer "
+                         f"({src.op.name}): their convs play different roles")
     tensors = []
-    for role in ROLES:
+    for role in dst.roles:
         d = getattr(dst, role)
         if d is not None:
             s = getattr(src, role)
@@ -285,13 +337,30 @@ def _stage_label(arch: Arch, i: int) -> str:
 
 
 def check_compatible(seed: Arch, target: Arch) -> None:
-    """:class:`RemapError` unless ``target`` can be remapped from ``seed`` (stages pair by position)."""
+    """:class:`RemapError` unless ``target`` can be remapped from ``seed``: stages pair by position, each
+    target layer's block family is among its seed stage's, and the stem (``stem_kernel``, ``stem_pool``) and
+    the final 1x1 conv exist in the seed as in the target (so nothing is cropped or dropped unreported)."""
     if len(seed.stages) != len(target.stages):
         i = min(len(seed.stages), len(target.stages))
         where = (f"target {_stage_label(target, i)} has no counterpart in the seed" if len(target.stages) > i
                  else f"seed {_stage_label(seed, i)} has no counterpart in the target")
         raise RemapError(f"{target.name or 'target'} has {len(target.stages)} stages, seed {seed.name or 'seed'} "
                          f"has {len(seed.stages)}: {where}; stages are paired by position")
+    for i, (a, b) in enumerate(zip(seed.stages, target.stages)):
+        families = [{op_family(parse_op(o)) for o in s.ops if o != SKIP} for s in (a, b)]
+        if families[1] - families[0]:
+            raise RemapError(f"target {_stage_label(target, i)} has {', '.join(sorted(families[1]))} layers, seed "
+                             f"{_stage_label(seed, i)} {', '.join(sorted(families[0])) or 'none'}: a layer only takes "
+                             "the weights of its own family (MBConv, basic or bottleneck block)")
+    names = target.name or "target", seed.name or "seed"
+    for key, what in (("stem_kernel", "the stem conv's kernel"), ("stem_pool", "the max-pool after the stem")):
+        mine, theirs = (json.dumps(getattr(a, key)) for a in (target, seed))
+        if mine != theirs:
+            raise RemapError(f"{names[0]}: {key} {mine} differs from seed {names[1]}'s {theirs} ({what}): the stem "
+                             f'would not compute the seed\'s; give "{key}": {theirs} in the architecture')
+    if target.final_channels and not seed.final_channels:
+        raise RemapError(f"{names[0]}: final_channels {target.final_channels}, but seed {names[1]} has no final 1x1 "
+                         'conv to remap it from; give "final_channels": 0 in the architecture')
 
 
 def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
@@ -303,7 +372,8 @@ def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
     sa, ta = seed.arch, target.arch
     check_compatible(sa, ta)
     report = RemapReport(seed=sa.name or "seed", target=ta.name or "target", layers=[])
-    stem = LayerReport("conv3x3", "", remap_conv_bn(seed.stem, target.stem, "stem"), "stem", "stem")
+    k = ta.stem_kernel
+    stem = LayerReport(f"conv{k}x{k}", "", remap_conv_bn(seed.stem, target.stem, "stem"), "stem", "stem")
     report.layers.append(stem)
     for i, dst_stage in enumerate(target.stages):
         if i >= len(seed.stages):
@@ -324,8 +394,8 @@ def remap_backbone(seed: Backbone, target: Backbone) -> RemapReport:
             report.layers.append(layer)
     if target.final is not None:
         if seed.final is None:
-            raise RemapError("the target has a final 1x1 conv but the seed backbone was built without one "
-                             "(build it with taps=('final',))")
+            raise RemapError("the target has a final 1x1 conv but the seed backbone was built without it: build "
+                             "the seed backbone with taps=('final',)")
         report.layers.append(LayerReport("conv1x1", "", remap_conv_bn(seed.final, target.final, "final"),
                                          "final", "final"))
     for attr in ("activation", "bn_eps"):

@@ -211,11 +211,11 @@ def _kernel_colours(archs: list[Arch]) -> dict[int, str]:
 
 
 def plot_archs(rows: list[tuple[str, Arch]], path: Path) -> None:
-    """One row of boxes per network, stages aligned in columns: colour = kernel, height = expansion,
-    dashed hollow box = skip."""
+    """One row of boxes per network, stages aligned in columns: colour = kernel, height = expansion (a
+    ResNet block's: one over its groups), dashed hollow box = skip."""
     archs = [a for _, a in rows]
     colours = _kernel_colours(archs)
-    max_e = max((op.expansion for a in archs for s in a.stages for op in map(parse_op, s.ops) if op is not None),
+    max_e = max((op.scale for a in archs for s in a.stages for op in map(parse_op, s.ops) if op is not None),
                 default=1)
     n_stages = max(len(a.stages) for a in archs)
     widths = [max(len(a.stages[i].ops) for a in archs if i < len(a.stages)) for i in range(n_stages)]
@@ -236,10 +236,10 @@ def plot_archs(rows: list[tuple[str, Arch]], path: Path) -> None:
                     ax.add_patch(Rectangle((x0 + j - 0.2, y - 0.15), 0.8, 0.3, fill=False, ec="#888888", ls="--",
                                            lw=1.0, zorder=2))
                     continue
-                h = 0.25 + 0.75 * op.expansion / max_e
+                h = 0.25 + 0.75 * op.scale / max_e
                 ax.add_patch(Rectangle((x0 + j - 0.2, y - h / 2), 0.8, h, fc=colours[op.kernel], ec="#333333",
                                        lw=0.6, zorder=2))
-                ax.text(x0 + j + 0.2, y, f"e{op.expansion}", ha="center", va="center", fontsize=6.5,
+                ax.text(x0 + j + 0.2, y, op.tag, ha="center", va="center", fontsize=6.5,
                         color="white", zorder=3)
     ax.set_xlim(-0.6, starts[-1] - 0.6)
     ax.set_ylim(-0.75, ys[0] + 1.05)

