@@ -15,7 +15,7 @@ the seed's own MAdds), this
 and prints the found architecture's percentile among the random ones, (found − seed) as mean ± std over
 the seeds, and Kendall τ between the super network's score (−loss) and the mean fine-tuned metric.
 
-    python bench/search_quality.py --task seg                 # ≈ 15–25 min on 2 CPU cores
+    python bench/search_quality.py --task seg                 # ≈ 30 min on 2 CPU cores
     python bench/search_quality.py --task ssdlite --random 8 --seeds 3 --scale 10 --device cuda
 
 ``--scale`` multiplies images and steps as ``fna demo --scale`` does. Every run keeps its directory
