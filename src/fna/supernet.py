@@ -186,9 +186,9 @@ class SearchSpace:
                                              tuple(s.get("groups", (1,))), int(s.get("min_depth", 1))))
                 except SearchSpaceError as e:
                     raise SearchSpaceError(f"search space {name!r} stage {i}: {e}") from None
+        except SearchSpaceError:
+            raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            if isinstance(e, SearchSpaceError):
-                raise
             raise SearchSpaceError(f"malformed search space ({type(e).__name__}: {e}); each stage needs "
                                    "max_depth and may give kernels, expansions, allow_skip, groups, min_depth") \
                 from None
