@@ -5,9 +5,9 @@ For each task, on demo data written to a temporary folder at a size like the pap
 flip; RetinaNet: 800×1333 images, flip, the model resizes to 800/1333 itself; SSDLite: 480×640
 COCO-size images, the SSD augmentation and resize to 320×320), it prints:
 
-* the pipeline's images/s as the loops draw it (``fna.training.batches``: loading in
-  ``num_workers`` worker processes, the random transforms and collate in the loop's process), with no
-  workers and with the ``auto`` count;
+* the pipeline's images/s as the loops draw it (``fna.training.batches``: loading, the random
+  transforms and collate in ``num_workers`` worker processes, each sample's transforms seeded by its
+  (seed, epoch, index)), with no workers and with the ``auto`` count;
 * the model's train-step images/s (MobileNetV2 task model, forward + backward + SGD step) on one
   such batch;
 * their ratio (≥ 1: the data keeps up with this device).

@@ -120,6 +120,19 @@ def test_interrupted_and_resumed_fit_equals_uninterrupted(tiny_arch, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_compiled_fit_follows_the_eager_losses_and_writes_a_plain_checkpoint(tiny_arch, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # dropout draws as in eager mode
+    task, data = get_task("seg"), RandomSegmentation()
+    losses: dict[bool, list[float]] = {False: [], True: []}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        fit(build_model("seg", tiny_arch, 2), task, data, collate, _config(iters=3, log_every=1, compile=compiled),
+            tmp_path / str(compiled), progress=lambda it, loss, c=compiled: losses[c].append(loss))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    state = torch.load(tmp_path / "True" / "checkpoint.pt", weights_only=True)["model"]
+    assert state.keys() == build_model("seg", tiny_arch, 2).state_dict().keys()  # no torch.compile prefix
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_arch, tmp_path):
     data = RandomSegmentation()
     model = build_model("seg", tiny_arch, 2)
@@ -176,18 +189,19 @@ def test_one_image_per_process_where_batchnorm_needs_two_is_a_clear_error(tiny_a
             _config(batch_size=1), tmp_path)
 
 
-def _augmented_batches(root, workers: int) -> list[torch.Tensor]:
-    """Four batches of randomly scaled, cropped and flipped demo images, the global RNG drawn between
-    batches as a training step's dropout would."""
+def _augmented_batches(root, workers: int, rng_seed: int = 5, start: int = 0, n: int = 4) -> list[torch.Tensor]:
+    """``n`` batches of randomly scaled, cropped and flipped demo images, the global RNG seeded with
+    ``rng_seed`` first and drawn between batches as a training step's dropout would."""
     from fna.data import open_segmentation, seg_collate, seg_train_transforms
 
     data = open_segmentation(root, "folder", "train", seg_train_transforms(crop=(32, 32)))
-    torch.manual_seed(5)
-    stream = batches(data, seg_collate, 2, seed=0, num_workers=workers)
+    torch.manual_seed(rng_seed)
+    stream = batches(data, seg_collate, 2, seed=0, start=start, num_workers=workers)
     out = []
-    for _ in range(4):
+    for _ in range(n):
         images, masks = next(stream)
-        out += [images, masks.float(), torch.rand(3)]
+        out += [images, masks.float()]
+        torch.rand(3)
     return out
 
 
@@ -197,7 +211,53 @@ def test_batches_and_their_augmentation_do_not_depend_on_the_number_of_workers(t
     write_demo(tmp_path, n_train=6, n_val=1, size=48, seed=0)
     alone, with_workers = _augmented_batches(tmp_path, 0), _augmented_batches(tmp_path, 2)
     assert all(torch.equal(a, b) for a, b in zip(alone, with_workers, strict=True))
-    assert not torch.equal(alone[0], alone[3])  # real, changing batches
+    assert not torch.equal(alone[0], alone[2])  # real, changing batches
+
+
+def test_augmentation_neither_depends_on_nor_draws_from_the_global_random_streams(tmp_path):
+    import random
+
+    from fna.data.demo import write_demo
+
+    write_demo(tmp_path, n_train=6, n_val=1, size=48, seed=0)
+    one, other = _augmented_batches(tmp_path, 0, rng_seed=1), _augmented_batches(tmp_path, 0, rng_seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(one, other, strict=True))
+    torch.manual_seed(3)
+    random.seed(3)
+    expected = torch.rand(2), random.random()
+    torch.manual_seed(3)
+    random.seed(3)
+    next(batches(SeededItemsProbe(), None, 2, seed=0))  # its transforms draw from both streams
+    assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
+
+
+class SeededItemsProbe(torch.utils.data.Dataset):
+    """Samples that are pure draws from torch's and Python's random streams."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import random
+
+        return torch.tensor([float(torch.rand(())), random.random()])
+
+
+def test_a_resumed_stream_repeats_the_augmented_batches_of_an_uninterrupted_one(tmp_path):
+    from fna.data.demo import write_demo
+
+    write_demo(tmp_path, n_train=6, n_val=1, size=48, seed=0)
+    straight = _augmented_batches(tmp_path, 0, n=5)  # 3 batches per epoch: crosses into the second
+    resumed = _augmented_batches(tmp_path, 0, start=2, n=3)
+    assert all(torch.equal(a, b) for a, b in zip(straight[4:], resumed, strict=True))
+    assert not torch.equal(straight[0], straight[6])  # epoch 2 draws other crops and orders
+
+
+def test_every_epoch_augments_a_sample_anew():
+    stream = batches(SeededItemsProbe(), None, 4, seed=0, shuffle=False)
+    first, second = next(stream), next(stream)
+    assert not torch.equal(first, second)
+    assert torch.equal(first, next(batches(SeededItemsProbe(), None, 4, seed=0, shuffle=False)))
 
 
 def test_auto_workers_follow_the_cpus_shared_by_processes_and_loaders(monkeypatch):

@@ -39,6 +39,7 @@ class TrainConfig(OptimConfig, CudaSpeedConfig):
     checkpoint_every: int = Field(500, ge=0)  # iterations; 0: only at the end
     log_every: int = Field(10, ge=1)
     num_workers: NumWorkers = "auto"  # see fna.training.num_workers
+    compile: bool = False  # torch.compile the training forward (not the search's: its path changes every step)
     seed: int = 0
     device: str = "auto"
 
@@ -69,6 +70,8 @@ def fit(model: nn.Module, task: Task, dataset: Dataset, collate: Callable, cfg: 
         model.to(memory_format=torch.channels_last)
     model = procs.sync_batch_norm(model)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg, cfg.iters)

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.optim.lr_scheduler import (ChainedScheduler, ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler,
                                       MultiStepLR, PolynomialLR)
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fna.data.base import split_transforms
 from fna.errors import FnaError
 
 DIVERGENCE_FACTOR = 100.0
@@ -206,6 +207,48 @@ class ResumableSampler(Sampler[int]):
         return len(self.indices(self.epoch)) - self.skip
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the random transforms of sample ``index`` in ``epoch`` of a stream seeded ``seed``."""
+    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0])
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """``sampler``'s indices, each with its :func:`item_seed` for :class:`SeededItems` to apply."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed, epoch = self.sampler.seed, self.sampler.epoch
+        return ((i, item_seed(seed, epoch, i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` for a key ``(index, seed)``, with torch's CPU random stream (where transforms
+    draw) and Python's seeded by ``seed`` while it runs and restored afterwards: a sample's random
+    transforms depend on its key alone, neither on the process that loads it nor on what was drawn before."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        states = torch.get_rng_state(), random.getstate()
+        torch.default_generator.manual_seed(seed)  # the CPU stream only: torch.manual_seed costs ~2 ms more
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+
+
 def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: int, start: int = 0,
             num_workers: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
             pin_memory: bool = False) -> Iterator[Any]:
@@ -213,28 +256,24 @@ def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: i
 
     Epoch ``e`` visits the samples in the order ``seed + e`` gives; incomplete last batches are
     dropped, so every step sees ``batch_size`` samples (BatchNorm needs more than one).
-    ``num_workers`` processes load the items (kept across epochs); the random transforms of a
-    dataset :func:`~fna.data.base.split_transforms` splits run here, when a batch is taken, so the
-    batches (augmentation included) are the same for every ``num_workers``. ``pin_memory``: batches
-    come in page-locked memory (for asynchronous copies to a GPU).
+    ``num_workers`` processes load and transform the items (kept across epochs). Each sample's random
+    transforms draw from their own stream, seeded by ``(seed, epoch, index)`` (:class:`SeededItems`), so
+    the batches, augmentation included, are the same for every ``num_workers``, on resume, and whatever
+    the loop draws from the global random streams. ``pin_memory``: batches come in page-locked memory
+    (for asynchronous copies to a GPU).
     """
     sampler = ResumableSampler(len(dataset), seed, rank, world, shuffle)
     per_epoch = len(sampler.indices(0)) // batch_size
     if per_epoch == 0:
         raise FnaError(f"dataset has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
-    loadable, transforms = split_transforms(dataset)
     # An own generator: the loader must not draw from the global RNG (exact resume).
-    loader = DataLoader(loadable, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                        collate_fn=list if transforms is not None else collate, persistent_workers=num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=SeededSampler(sampler), drop_last=True,
+                        num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0,
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     epoch, within = divmod(start, per_epoch)
     while True:
         sampler.epoch, sampler.skip = epoch, within * batch_size
-        for batch in loader:
-            if transforms is not None:
-                items = [transforms(*item) for item in batch]
-                batch = collate(items) if collate is not None else default_collate(items)
-            yield map_tensors(batch, torch.Tensor.pin_memory) if pin_memory else batch
+        yield from loader
         epoch, within = epoch + 1, 0
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from fna.errors import FnaError
@@ -180,7 +180,7 @@ class ItemDataset(Dataset, ABC):
 
     def untransformed(self, index: int) -> tuple[Any, Any]:
         """Item ``index`` loaded, without ``transforms`` (the next good item instead of a bad one when
-        skipping). Draws no random numbers: DataLoader workers run it, the loop the random transforms."""
+        skipping)."""
         if not -len(self.items) <= index < len(self.items):
             raise IndexError(index)
         for k in range(len(self.items)):
@@ -200,30 +200,3 @@ def as_tensor_mask(ids: np.ndarray) -> tv_tensors.Mask:
     return tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
 
 
-class Untransformed(Dataset):
-    """The items of an :class:`ItemDataset` as :meth:`ItemDataset.untransformed` loads them."""
-
-    def __init__(self, dataset: ItemDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
-        return self.dataset.untransformed(index)
-
-
-def split_transforms(dataset: Dataset) -> tuple[Dataset, Callable | None]:
-    """``dataset`` as (what loads its items, the transforms to apply to each loaded item afterwards).
-
-    An :class:`ItemDataset` with transforms (or a ``Subset`` of one) splits: loading (decoding, the
-    costly part) can run in DataLoader workers while the random transforms run in the loop's process,
-    drawing from its random stream in the order of a single-process run. Any other dataset comes back
-    whole, with ``None``.
-    """
-    if isinstance(dataset, Subset):
-        inner, transforms = split_transforms(dataset.dataset)
-        return (Subset(inner, dataset.indices), transforms) if transforms is not None else (dataset, None)
-    if isinstance(dataset, ItemDataset) and dataset.transforms is not None:
-        return Untransformed(dataset), dataset.transforms
-    return dataset, None
