@@ -231,6 +231,22 @@ def test_augmentation_neither_depends_on_nor_draws_from_the_global_random_stream
     assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_that_breaks_during_training_stops_with_an_error_naming_it(tmp_path, workers):
+    from fna.data import DataError, open_segmentation, seg_collate, seg_train_transforms
+    from fna.data.demo import write_demo
+
+    write_demo(tmp_path, n_train=4, n_val=1, size=48, seed=0)
+    data = open_segmentation(tmp_path, "folder", "train", seg_train_transforms(crop=(32, 32)))
+    broken = tmp_path / "images" / "train" / "train_00002.png"
+    broken.write_bytes(b"not a png")  # after the run's checks, e.g. a disk or a sync tool at work
+    stream = batches(data, seg_collate, 2, seed=0, num_workers=workers)
+    with pytest.raises(DataError) as raised:
+        next(stream), next(stream)  # one epoch: every image
+    assert raised.value.path == str(broken) and "unreadable image" in raised.value.reason
+    assert "Traceback" not in str(raised.value)
+
+
 class SeededItemsProbe(torch.utils.data.Dataset):
     """Samples that are pure draws from torch's and Python's random streams."""
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.optim.lr_scheduler import (ChainedScheduler, ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler,
                                       MultiStepLR, PolynomialLR)
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from fna.errors import FnaError
 
@@ -226,10 +226,31 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return len(self.sampler)
 
 
+class FailedItem:
+    """What :class:`SeededItems` returns for an item whose loading raised an :class:`~fna.errors.FnaError`
+    (a bad file, a bad annotation), so that the error reaches the loop as itself: raised in a DataLoader
+    worker it would come back as a ``RuntimeError`` holding the worker's traceback."""
+
+    def __init__(self, error: FnaError) -> None:
+        self.error = error
+
+
+class CollateOrFail:
+    """``collate`` (torch's default if None) of a batch's items, or the first :class:`FailedItem` among them."""
+
+    def __init__(self, collate: Callable | None) -> None:
+        self.collate = collate or default_collate
+
+    def __call__(self, items: list[Any]) -> Any:
+        failed = next((item for item in items if isinstance(item, FailedItem)), None)
+        return failed if failed is not None else self.collate(items)
+
+
 class SeededItems(Dataset):
     """``dataset[index]`` for a key ``(index, seed)``, with torch's CPU random stream (where transforms
     draw) and Python's seeded by ``seed`` while it runs and restored afterwards: a sample's random
-    transforms depend on its key alone, neither on the process that loads it nor on what was drawn before."""
+    transforms depend on its key alone, neither on the process that loads it nor on what was drawn before.
+    An :class:`~fna.errors.FnaError` while loading comes back as a :class:`FailedItem`."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -244,6 +265,8 @@ class SeededItems(Dataset):
         random.seed(seed)
         try:
             return self.dataset[index]
+        except FnaError as e:
+            return FailedItem(e)
         finally:
             torch.set_rng_state(states[0])
             random.setstate(states[1])
@@ -268,12 +291,15 @@ def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: i
         raise FnaError(f"dataset has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
     # An own generator: the loader must not draw from the global RNG (exact resume).
     loader = DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=SeededSampler(sampler), drop_last=True,
-                        num_workers=num_workers, collate_fn=collate, persistent_workers=num_workers > 0,
+                        num_workers=num_workers, collate_fn=CollateOrFail(collate), persistent_workers=num_workers > 0,
                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     epoch, within = divmod(start, per_epoch)
     while True:
         sampler.epoch, sampler.skip = epoch, within * batch_size
-        yield from loader
+        for batch in loader:
+            if isinstance(batch, FailedItem):
+                raise batch.error
+            yield batch
         epoch, within = epoch + 1, 0
 
 

@@ -43,6 +43,9 @@ class DataError(FnaError):
         self.path, self.reason = one_line(str(path)), one_line(reason)  # for display, like the message
         super().__init__(f"{self.path}: {self.reason}")
 
+    def __reduce__(self) -> tuple:  # pickles (from a DataLoader worker) by its two arguments
+        return DataError, (self.path, self.reason)
+
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 SIXTEEN_BIT = 65535
