@@ -1,9 +1,11 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from fna.data import DataError
 from fna.errors import FnaError
 from fna.tasks import build_model, get_task
 from fna.train import TrainConfig, fit
@@ -224,16 +226,32 @@ def test_augmentation_neither_depends_on_nor_draws_from_the_global_random_stream
     assert all(torch.equal(a, b) for a, b in zip(one, other, strict=True))
     torch.manual_seed(3)
     random.seed(3)
-    expected = torch.rand(2), random.random()
+    np.random.seed(3)
+    expected = torch.rand(2), random.random(), np.random.random()
     torch.manual_seed(3)
     random.seed(3)
-    next(batches(SeededItemsProbe(), None, 2, seed=0))  # its transforms draw from both streams
+    np.random.seed(3)
+    next(batches(SeededItemsProbe(), None, 2, seed=0))  # its transforms draw from all three streams
     assert torch.equal(torch.rand(2), expected[0]) and random.random() == expected[1]
+    assert np.random.random() == expected[2]
+
+
+def test_draws_from_every_global_stream_are_the_same_in_a_worker_process():
+    alone = next(batches(SeededItemsProbe(), None, 4, seed=0))
+    assert torch.equal(alone, next(batches(SeededItemsProbe(), None, 4, seed=0, num_workers=1)))
+    assert len(set(alone[:, 2].tolist())) == 4  # numpy's draws differ between samples too
+
+
+def test_streams_of_one_seed_draw_different_augmentations_for_the_same_samples():
+    first = next(batches(SeededItemsProbe(), None, 4, seed=0, shuffle=False))
+    assert torch.equal(first, next(batches(SeededItemsProbe(), None, 4, seed=0, shuffle=False, stream=0)))
+    other = next(batches(SeededItemsProbe(), None, 4, seed=0, shuffle=False, stream=1))
+    assert not (first == other).any()
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_file_that_breaks_during_training_stops_with_an_error_naming_it(tmp_path, workers):
-    from fna.data import DataError, open_segmentation, seg_collate, seg_train_transforms
+    from fna.data import open_segmentation, seg_collate, seg_train_transforms
     from fna.data.demo import write_demo
 
     write_demo(tmp_path, n_train=4, n_val=1, size=48, seed=0)
@@ -247,8 +265,30 @@ def test_a_file_that_breaks_during_training_stops_with_an_error_naming_it(tmp_pa
     assert "Traceback" not in str(raised.value)
 
 
+class BadLabel(DataError):
+    """A DataError subclass, as a plugin's dataset might raise."""
+
+
+class TwoArgumentError(FnaError):
+    """An FnaError that pickle cannot rebuild (its __init__ takes other arguments than its args)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}: {b}")
+
+
+def test_an_error_from_a_worker_arrives_as_its_own_class_or_at_least_with_its_message():
+    import pickle
+
+    from fna.training import FailedItem
+
+    kept = pickle.loads(pickle.dumps(FailedItem(BadLabel("x.json", "label 9 >= 5 classes"))))
+    assert type(kept.error) is BadLabel and str(kept.error) == "x.json: label 9 >= 5 classes"
+    plain = pickle.loads(pickle.dumps(FailedItem(TwoArgumentError("y.png", "truncated"))))
+    assert type(plain.error) is FnaError and str(plain.error) == "y.png: truncated"
+
+
 class SeededItemsProbe(torch.utils.data.Dataset):
-    """Samples that are pure draws from torch's and Python's random streams."""
+    """Samples that are pure draws from torch's, Python's and numpy's random streams."""
 
     def __len__(self) -> int:
         return 4
@@ -256,7 +296,7 @@ class SeededItemsProbe(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         import random
 
-        return torch.tensor([float(torch.rand(())), random.random()])
+        return torch.tensor([float(torch.rand(())), random.random(), np.random.random()], dtype=torch.float64)
 
 
 def test_a_resumed_stream_repeats_the_augmented_batches_of_an_uninterrupted_one(tmp_path):

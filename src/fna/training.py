@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -207,20 +208,25 @@ class ResumableSampler(Sampler[int]):
         return len(self.indices(self.epoch)) - self.skip
 
 
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of the random transforms of sample ``index`` in ``epoch`` of a stream seeded ``seed``."""
-    return int(np.random.SeedSequence((seed, epoch, index)).generate_state(1, np.uint64)[0])
+def item_seed(seed: int, epoch: int, index: int, stream: int = 0) -> int:
+    """The seed of the random transforms of sample ``index`` in ``epoch`` of a stream seeded ``seed``.
+
+    Streams numbered other than 0 draw independently of stream 0 and of each other at the same
+    ``(seed, epoch, index)`` (e.g. the search's two halves of one dataset).
+    """
+    key = (seed, epoch, index) if stream == 0 else (seed, epoch, index, stream)
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
     """``sampler``'s indices, each with its :func:`item_seed` for :class:`SeededItems` to apply."""
 
-    def __init__(self, sampler: ResumableSampler) -> None:
-        self.sampler = sampler
+    def __init__(self, sampler: ResumableSampler, stream: int = 0) -> None:
+        self.sampler, self.stream = sampler, stream
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         seed, epoch = self.sampler.seed, self.sampler.epoch
-        return ((i, item_seed(seed, epoch, i)) for i in self.sampler)
+        return ((i, item_seed(seed, epoch, i, self.stream)) for i in self.sampler)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -232,6 +238,10 @@ class FailedItem:
     worker it would come back as a ``RuntimeError`` holding the worker's traceback."""
 
     def __init__(self, error: FnaError) -> None:
+        try:  # it travels from a worker by pickle: an error that does not survive that keeps its message
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            error = FnaError(str(error))
         self.error = error
 
 
@@ -248,8 +258,9 @@ class CollateOrFail:
 
 class SeededItems(Dataset):
     """``dataset[index]`` for a key ``(index, seed)``, with torch's CPU random stream (where transforms
-    draw) and Python's seeded by ``seed`` while it runs and restored afterwards: a sample's random
-    transforms depend on its key alone, neither on the process that loads it nor on what was drawn before.
+    draw), Python's and numpy's global one seeded by ``seed`` while it runs and restored afterwards: a
+    sample's random transforms depend on its key alone, neither on the process that loads it nor on what
+    was drawn before.
     An :class:`~fna.errors.FnaError` while loading comes back as a :class:`FailedItem`."""
 
     def __init__(self, dataset: Dataset) -> None:
@@ -260,9 +271,10 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        states = torch.get_rng_state(), random.getstate()
+        states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         torch.default_generator.manual_seed(seed)  # the CPU stream only: torch.manual_seed costs ~2 ms more
         random.seed(seed)
+        np.random.seed(seed % 2**32)  # numpy takes 32-bit seeds
         try:
             return self.dataset[index]
         except FnaError as e:
@@ -270,11 +282,12 @@ class SeededItems(Dataset):
         finally:
             torch.set_rng_state(states[0])
             random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: int, start: int = 0,
             num_workers: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
-            pin_memory: bool = False) -> Iterator[Any]:
+            pin_memory: bool = False, stream: int = 0) -> Iterator[Any]:
     """Endless batches of ``batch_size`` per process over epochs, from global batch number ``start``.
 
     Epoch ``e`` visits the samples in the order ``seed + e`` gives; incomplete last batches are
@@ -282,7 +295,8 @@ def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: i
     ``num_workers`` processes load and transform the items (kept across epochs). Each sample's random
     transforms draw from their own stream, seeded by ``(seed, epoch, index)`` (:class:`SeededItems`), so
     the batches, augmentation included, are the same for every ``num_workers``, on resume, and whatever
-    the loop draws from the global random streams. ``pin_memory``: batches come in page-locked memory
+    the loop draws from the global random streams; ``stream`` numbers other than 0 draw other
+    augmentations from the same ``seed`` (:func:`item_seed`). ``pin_memory``: batches come in page-locked memory
     (for asynchronous copies to a GPU).
     """
     sampler = ResumableSampler(len(dataset), seed, rank, world, shuffle)
@@ -290,7 +304,7 @@ def batches(dataset: Dataset, collate: Callable | None, batch_size: int, seed: i
     if per_epoch == 0:
         raise FnaError(f"dataset has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
     # An own generator: the loader must not draw from the global RNG (exact resume).
-    loader = DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=SeededSampler(sampler), drop_last=True,
+    loader = DataLoader(SeededItems(dataset), batch_size=batch_size, sampler=SeededSampler(sampler, stream), drop_last=True,
                         num_workers=num_workers, collate_fn=CollateOrFail(collate), persistent_workers=num_workers > 0,
                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     epoch, within = divmod(start, per_epoch)

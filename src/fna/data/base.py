@@ -44,7 +44,7 @@ class DataError(FnaError):
         super().__init__(f"{self.path}: {self.reason}")
 
     def __reduce__(self) -> tuple:  # pickles (from a DataLoader worker) by its two arguments
-        return DataError, (self.path, self.reason)
+        return type(self), (self.path, self.reason)
 
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")

@@ -272,10 +272,15 @@ class Search:
         return to_device(batch, self.dist.device, self.channels_last)
 
     def batches_of(self, subset: Subset, start: int) -> Any:
-        """Endless batches of ``subset`` for this rank from global batch ``start`` (the search's order)."""
+        """Endless batches of ``subset`` for this rank from global batch ``start`` (the search's order).
+
+        The weight half's augmentations draw from a stream of their own: with ``augment=both``, sample k
+        of each half would otherwise get the same random transforms.
+        """
+        stream = 1 if subset is self.weight_set else 0
         return batches(subset, self.collate_fn, self.per_rank, self.cfg.random_seed, start,
                        num_workers(self.cfg.num_workers, loaders=2), rank=self.dist.rank, world=self.dist.world,
-                       pin_memory=self.dist.device.type == "cuda")
+                       pin_memory=self.dist.device.type == "cuda", stream=stream)
 
     def _run_epoch(self, writer: SummaryWriter | None, progress: Progress, streams: dict[str, Any]) -> None:
         cfg = self.cfg
